@@ -1,0 +1,45 @@
+"""Stage 1b: ground-truth masks -> filled bounding-box masks.
+
+    python boundbox.py --classname bottle --dataset ./dataset
+
+Writes DATASET/CLASS/bbox/DEFECT/STEM_mask.png (0/255, the size of the mask) and
+DATASET/CLASS/bbox/boxes.json. One box per 8-connected region; see --min_area, --merge_gap, --margin.
+The dataset's train/, test/ and ground_truth/ folders are only read.
+"""
+
+import argparse
+import sys
+
+from mvp_diff.cli_args import add_box_args, add_dataset_args
+from mvp_diff.dataset import load_class
+from mvp_diff.errors import cli
+from mvp_diff.records import BoxParams, compute_boxes, write_box_masks
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_dataset_args(parser)
+    add_box_args(parser)
+    return parser.parse_args(argv)
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    class_data = load_class(args.dataset, args.classname, args.mask_suffix)
+    for anomaly in class_data.empty_masks:
+        print(f"skipped {anomaly.image}: its mask {anomaly.mask} is empty", file=sys.stderr)
+    params = BoxParams(args.min_area, args.merge_gap, args.margin)
+    boxes, notes = compute_boxes(class_data, params)
+    for anomaly, dropped in notes:
+        print(f"{anomaly.mask}: dropped {dropped} region(s) under {args.min_area} px", file=sys.stderr)
+    for key, found in boxes.items():
+        if not found:
+            print(f"{key}: no region left after --min_area {args.min_area}; no box mask written", file=sys.stderr)
+    path = write_box_masks(class_data, boxes, params)
+    n = sum(len(b) for b in boxes.values())
+    print(f"{n} boxes of {len(boxes)} anomalies -> {class_data.root / 'bbox'}/ and {path}")
+
+
+if __name__ == "__main__":
+    main()

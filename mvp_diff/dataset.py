@@ -1,0 +1,148 @@
+"""MVTec AD layout for one class: good images, anomalies per defect type and their masks.
+
+    DATASET/CLASS/train/good/000.png
+    DATASET/CLASS/test/good/000.png
+    DATASET/CLASS/test/DEFECT/000.png
+    DATASET/CLASS/ground_truth/DEFECT/000_mask.png
+
+Stage 1 adds (never touching the folders above):
+    DATASET/CLASS/bbox/DEFECT/000_mask.png   filled box masks (boundbox.py)
+    DATASET/CLASS/bbox/boxes.json            all boxes
+"""
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsageError, UserError
+from .files import IMAGE_EXTENSIONS, image_size, read_mask
+
+GOOD = "good"
+BBOX_DIR = "bbox"
+
+
+@dataclass
+class Anomaly:
+    defect_type: str
+    image: Path
+    mask: Path
+
+    @property
+    def stem(self):
+        return self.image.stem
+
+
+@dataclass
+class ClassData:
+    root: Path  # DATASET/CLASS
+    name: str
+    train_good: list
+    test_good: list
+    anomalies: dict  # defect type -> [Anomaly] sorted by file name, empty masks left out
+    empty_masks: list = field(default_factory=list)  # Anomaly entries whose mask has no pixel
+
+    @property
+    def dataset_root(self):
+        return self.root.parent
+
+    @property
+    def defect_types(self):
+        return sorted(self.anomalies)
+
+    def all_anomalies(self):
+        return [a for d in self.defect_types for a in self.anomalies[d]]
+
+    def bbox_mask_path(self, anomaly: Anomaly) -> Path:
+        return self.root / BBOX_DIR / anomaly.defect_type / anomaly.mask.name
+
+    @property
+    def boxes_json(self) -> Path:
+        return self.root / BBOX_DIR / "boxes.json"
+
+
+def image_files(folder: Path):
+    """Image files of a folder sorted by name (hidden files and other extensions ignored)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def list_classes(dataset_root):
+    root = Path(dataset_root)
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "train" / GOOD).is_dir()) if root.is_dir() else []
+
+
+def class_dir(dataset_root, classname) -> Path:
+    """DATASET/CLASS, with errors that say what exists."""
+    root = Path(dataset_root)
+    if not root.is_dir():
+        raise UserError(f"dataset folder {root} not found; unzip MVTec AD there or pass --dataset")
+    folder = root / classname
+    if not (folder / "train" / GOOD).is_dir():
+        known = list_classes(root)
+        hint = f"classes found in {root}: {', '.join(known)}" if known else f"no class folders with train/good/ found in {root}"
+        raise UsageError(f"unknown --classname {classname!r}; {hint}")
+    return folder
+
+
+def load_class(dataset_root, classname, mask_suffix="_mask", require_anomalies=True) -> ClassData:
+    """Read and check one class. Pairing and sizes are checked up front; empty masks are set aside."""
+    root = class_dir(dataset_root, classname)
+    train_good = image_files(root / "train" / GOOD)
+    if not train_good:
+        raise UserError(f"{root / 'train' / GOOD}: no defect-free training images")
+    test_good = image_files(root / "test" / GOOD)
+
+    anomalies, empty = {}, []
+    test_dir, gt_dir = root / "test", root / "ground_truth"
+    defect_dirs = sorted(p for p in test_dir.iterdir() if p.is_dir() and p.name != GOOD) if test_dir.is_dir() else []
+    for ddir in defect_dirs:
+        images = image_files(ddir)
+        masks = {}
+        for m in image_files(gt_dir / ddir.name):
+            if not m.stem.endswith(mask_suffix):
+                raise UserError(f"{m}: mask name does not end with {mask_suffix!r}; rename it or pass --mask_suffix")
+            masks[m.stem[: len(m.stem) - len(mask_suffix)] if mask_suffix else m.stem] = m
+        stems = {im.stem for im in images}
+        orphans = sorted(str(m) for stem, m in masks.items() if stem not in stems)
+        if orphans:
+            raise UserError(f"mask without an anomaly image: {orphans[0]}" + (f" (+{len(orphans) - 1} more)" if len(orphans) > 1 else ""))
+        found = []
+        for im in images:
+            mask = masks.get(im.stem)
+            if mask is None:
+                raise UserError(f"{im}: no mask {gt_dir / ddir.name / (im.stem + mask_suffix)}.* for this anomaly image")
+            if image_size(im) != image_size(mask):
+                raise UserError(f"{im} is {image_size(im)} but its mask {mask} is {image_size(mask)} (width, height); they must match")
+            anomaly = Anomaly(ddir.name, im, mask)
+            (found if read_mask(mask).any() else empty).append(anomaly)
+        if found:
+            anomalies[ddir.name] = found
+    if require_anomalies and not anomalies:
+        raise UserError(f"{root}: no anomalies with non-empty masks under test/DEFECT/ and ground_truth/DEFECT/")
+    return ClassData(root, classname, train_good, test_good, anomalies, empty)
+
+
+def split_anomalies(anomalies, train_fraction=1 / 3):
+    """First `train_fraction` of a defect type (sorted by name, rounded up, at least one) trains the
+    generator; the rest is held out for downstream testing (the field's protocol)."""
+    if not 0 < train_fraction <= 1:
+        raise UsageError(f"--train_fraction must be in (0, 1], got {train_fraction}")
+    ordered = sorted(anomalies, key=lambda a: a.image.name)
+    n_train = min(len(ordered), max(1, math.ceil(len(ordered) * train_fraction - 1e-9)))
+    return ordered[:n_train], ordered[n_train:]
+
+
+def good_image_for(class_data: ClassData, index: int) -> Path:
+    """Deterministic defect-free partner: cycles through train/good by index."""
+    return class_data.train_good[index % len(class_data.train_good)]
+
+
+def record_path(record, key) -> Path:
+    """Absolute path of a record field stored relative to its `dataset_root`."""
+    value = Path(record[key])
+    return value if value.is_absolute() else Path(record["dataset_root"]) / value
+
+
+def relative_to_root(path: Path, dataset_root: Path) -> str:
+    return Path(path).resolve().relative_to(Path(dataset_root).resolve()).as_posix()

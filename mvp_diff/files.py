@@ -1,0 +1,111 @@
+"""File helpers: atomic writes (temp file + rename) and image reading with clear errors."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def atomic_write_bytes(path, data: bytes):
+    """Write `data` to `path` so that readers only ever see the old or the complete new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text: str):
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_jsonl(path, records):
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_jsonl(path):
+    """Records of a .jsonl file; a missing file or a bad line is a UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})")
+    return records
+
+
+def save_image(path, array_or_image, format=None):
+    """Save a PIL image or uint8 array atomically; the format comes from the file extension."""
+    path = Path(path)
+    image = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(np.asarray(array_or_image))
+    fmt = format or Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def open_image(path):
+    """PIL image, fully loaded; unreadable or corrupt files raise a UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: image not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy() if im.mode != "P" else im.convert("RGBA" if "transparency" in im.info else "RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"{path}: cannot read image ({err.__class__.__name__}: {err})")
+
+
+def read_rgb(path):
+    """uint8 HxWx3 array; grey (L, I;16) and RGBA images are converted (alpha dropped)."""
+    im = open_image(path)
+    if im.mode in ("I;16", "I;16B", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
+    return np.asarray(im.convert("RGB"))
+
+
+def read_mask(path):
+    """bool HxW array; masks stored 0/255, 0/1 or as RGB/RGBA are all accepted (nonzero = defect)."""
+    im = open_image(path)
+    arr = np.asarray(im)
+    if arr.ndim == 3:
+        arr = arr[..., :3].max(axis=2) if arr.shape[2] >= 3 else arr[..., 0]
+    return arr > 0
+
+
+def image_size(path):
+    """(width, height) without decoding pixels."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"{path}: cannot read image ({err.__class__.__name__}: {err})")

@@ -1,0 +1,102 @@
+"""Stage 1: boxes of every real anomaly and its training record (image, box mask, sentence)."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .boxes import box_mask, boxes_from_mask
+from .dataset import ClassData, good_image_for, relative_to_root, split_anomalies
+from .errors import UserError
+from .files import atomic_write_json, image_size, read_mask, save_image
+from .prompts import describe
+
+
+@dataclass
+class BoxParams:
+    min_area: int = 10
+    merge_gap: int = 0
+    margin: int = 0
+
+    def as_dict(self):
+        return {"min_area": self.min_area, "merge_gap": self.merge_gap, "margin": self.margin}
+
+
+def anomaly_key(anomaly) -> str:
+    return f"{anomaly.defect_type}/{anomaly.stem}"
+
+
+def compute_boxes(class_data: ClassData, params: BoxParams, progress=True):
+    """{`defect/stem`: boxes} for every anomaly, plus the list of (anomaly, dropped regions) notes."""
+    boxes, notes = {}, []
+    for anomaly in tqdm(class_data.all_anomalies(), desc=f"boxes {class_data.name}", disable=not progress, leave=False):
+        found, dropped = boxes_from_mask(read_mask(anomaly.mask), params.min_area, params.merge_gap, params.margin)
+        if dropped:
+            notes.append((anomaly, dropped))
+        boxes[anomaly_key(anomaly)] = found
+    return boxes, notes
+
+
+def write_box_masks(class_data: ClassData, boxes, params: BoxParams, progress=True):
+    """Filled box masks under CLASS/bbox/DEFECT/ and CLASS/bbox/boxes.json; returns the json path."""
+    entries = {}
+    for anomaly in tqdm(class_data.all_anomalies(), desc=f"box masks {class_data.name}", disable=not progress, leave=False):
+        key = anomaly_key(anomaly)
+        width, height = image_size(anomaly.mask)
+        out = class_data.bbox_mask_path(anomaly)
+        if boxes[key]:
+            save_image(out, box_mask(boxes[key], height, width))
+        entries[key] = {"boxes": boxes[key], "width": width, "height": height, "bbox_mask": relative_to_root(out, class_data.dataset_root)}
+    atomic_write_json(class_data.boxes_json, {"class": class_data.name, "params": params.as_dict(), "anomalies": entries})
+    return class_data.boxes_json
+
+
+def load_saved_boxes(class_data: ClassData):
+    """Boxes written by boundbox.py, or None when it has not run."""
+    path = class_data.boxes_json
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        return {key: entry["boxes"] for key, entry in saved["anomalies"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: unreadable ({err}); rerun boundbox.py")
+
+
+def build_records(class_data: ClassData, boxes, train_fraction=1 / 3):
+    """(train, test) record lists; anomalies whose boxes are all dropped are left out."""
+    root = class_data.dataset_root.resolve()
+    splits = {"train": [], "test": []}
+    index = 0
+    for defect in class_data.defect_types:
+        train, test = split_anomalies(class_data.anomalies[defect], train_fraction)
+        for split, members in (("train", train), ("test", test)):
+            for anomaly in members:
+                found = boxes.get(anomaly_key(anomaly)) or []
+                if not found:
+                    continue
+                width, height = image_size(anomaly.image)
+                splits[split].append(
+                    {
+                        "class": class_data.name,
+                        "defect_type": defect,
+                        "split": split,
+                        "dataset_root": str(root),
+                        "image": relative_to_root(anomaly.image, root),
+                        "gt_mask": relative_to_root(anomaly.mask, root),
+                        "bbox_mask": relative_to_root(class_data.bbox_mask_path(anomaly), root),
+                        "good_image": relative_to_root(good_image_for(class_data, index), root),
+                        "boxes": found,
+                        "width": width,
+                        "height": height,
+                        "text": describe(class_data.name, defect, found, width, height),
+                    }
+                )
+                index += 1
+    return splits["train"], splits["test"]
+
+
+def records_paths(outdir, classname):
+    folder = Path(outdir) / classname
+    return folder / f"{classname}_train.jsonl", folder / f"{classname}_test.jsonl"

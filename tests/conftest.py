@@ -1,0 +1,61 @@
+"""Shared fixtures: the demo dataset and the tiny SD-inpainting checkpoint, built once per session
+with the same builders the demo uses."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def demo_dataset_master(tmp_path_factory):
+    """The demo dataset, built once. Read-only: copy it (`demo_dataset`) before writing beside it."""
+    from mvp_diff.demo_data import build_demo_dataset
+
+    return build_demo_dataset(tmp_path_factory.mktemp("demo_master") / "dataset")
+
+
+@pytest.fixture
+def demo_dataset(demo_dataset_master, tmp_path):
+    """A private copy of the demo dataset for one test: tmp_path/dataset."""
+    dest = tmp_path / "dataset"
+    shutil.copytree(demo_dataset_master, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Tiny random SD-1.5-inpainting-layout checkpoint folder (read-only by convention)."""
+    from mvp_diff.checkpoint import build_tiny_inpainting_checkpoint
+
+    return build_tiny_inpainting_checkpoint(tmp_path_factory.mktemp("ckpt") / "inpainting")
+
+
+def run_script(script, *args, cwd=None, env=None, check=False, timeout=900):
+    """Run a top-level script as a user would; returns CompletedProcess with text stdout/stderr."""
+    cmd = [sys.executable, str(REPO / script), *map(str, args)]
+    full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def assert_user_error(proc, code, *needles):
+    """A one-line error (no traceback) with the given exit code that mentions every needle."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if "error" in l]
+    assert lines, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr)
