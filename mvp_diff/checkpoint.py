@@ -34,7 +34,7 @@ def check_checkpoint(path, flag="--pretrained_model_name_or_path", inpainting=Tr
         raise UserError(f"{flag} {path}: checkpoint folder not found; put the SD-1.5 inpainting checkpoint (diffusers layout) there")
     missing = [c for c in REQUIRED_COMPONENTS if not (path / c).is_dir() or not any((path / c).iterdir())]
     if missing:
-        raise UserError(f"{flag} {path}: checkpoint lacks {', '.join(missing)}/ (needs {', '.join(REQUIRED_COMPONENTS)})")
+        raise UserError(f"{flag} {path}: checkpoint lacks {', '.join(m + '/' for m in missing)} (needs {', '.join(REQUIRED_COMPONENTS)})")
     config = path / "unet" / "config.json"
     if not config.is_file():
         raise UserError(f"{config}: not found; {path} is not a diffusers checkpoint")
