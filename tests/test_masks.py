@@ -1,0 +1,207 @@
+"""Precise mask extraction on constructed pairs with a known defect."""
+
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from conftest import REPO, run_script
+
+from mvp_diff.errors import UsageError, UserError
+from mvp_diff.masks import MASK_METHODS, extract_mask
+
+SIZE = 256
+
+
+def texture(seed, colour=True, size=SIZE):
+    """A textured uint8 image: smooth noise plus a gradient, RGB or grey."""
+    rng = np.random.default_rng(seed)
+    shape = (size, size, 3) if colour else (size, size)
+    img = cv2.GaussianBlur(rng.normal(0, 1, shape).astype(np.float32), (0, 0), 1.5)
+    ramp = np.linspace(-20, 20, size, dtype=np.float32)[:, None]
+    img = 120 + 25 * img / img.std() + (ramp[..., None] if colour else ramp)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def disc(cx=128, cy=120, r=22, size=SIZE):
+    m = np.zeros((size, size), np.uint8)
+    cv2.circle(m, (cx, cy), r, 1, -1)
+    return m > 0
+
+
+def box_of(x0, y0, x1, y1, size=SIZE):
+    b = np.zeros((size, size), np.uint8)
+    b[y0:y1, x0:x1] = 255
+    return b
+
+
+BOX = box_of(90, 80, 170, 165)
+
+
+def vae_like(img, seed, box=BOX):
+    """Mild blur, noise and colour jitter inside the box; the original outside (as pasted back)."""
+    rng = np.random.default_rng(seed)
+    f = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 0.7)
+    f = f * (1 + rng.uniform(-0.02, 0.02, img.shape[2:] or ())) + rng.normal(0, 2.0, img.shape)
+    yy = np.linspace(-3, 3, img.shape[0], dtype=np.float32)[:, None]  # small smooth shift
+    f = f + (yy[..., None] if img.ndim == 3 else yy)
+    f = np.clip(np.round(f), 0, 255).astype(np.uint8)
+    inside = box > 0 if img.ndim == 2 else (box > 0)[..., None]
+    return np.where(inside, f, img)
+
+
+def paint(img, shape, look):
+    f = img.astype(np.float32)
+    alpha = cv2.GaussianBlur(shape.astype(np.float32), (0, 0), 0.8)
+    if img.ndim == 3:
+        alpha = alpha[..., None]
+    if look == "darker":
+        new = f * 0.55
+    elif look == "brighter":
+        new = f + (255 - f) * 0.45
+    elif look == "tinted":  # same luminance, other hue
+        gains = np.array([1.5, 0.8, 1.1], np.float32)
+        new = f * gains / (gains @ [0.299, 0.587, 0.114])
+    else:  # blurred
+        new = cv2.GaussianBlur(f, (0, 0), 4.0)
+    return np.clip(f * (1 - alpha) + new * alpha, 0, 255).astype(np.uint8)
+
+
+def iou(a, b):
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+CASES = [(True, "darker"), (True, "brighter"), (True, "tinted"), (False, "darker"), (False, "brighter"), (False, "blurred")]
+
+
+@pytest.mark.parametrize("colour,look", CASES)
+def test_default_recovers_painted_defect(colour, look):
+    normal = texture(1, colour)
+    truth = disc()
+    anomaly = vae_like(paint(normal, truth, look), seed=2)
+    mask = extract_mask(anomaly, normal, BOX)
+    assert mask.dtype == bool and mask.shape == truth.shape
+    assert iou(mask, truth) > 0.8, iou(mask, truth)
+
+
+def test_brightness_only_change_on_grey_image_rgb_and_grey_agree():
+    """R = G = B pixels: the RGB cosine is blind here, the default method is not."""
+    normal = texture(3, colour=False)
+    truth = disc(r=18)
+    anomaly = vae_like(paint(normal, truth, "brighter"), seed=4)
+    grey = extract_mask(anomaly, normal, BOX)
+    rgb = extract_mask(np.repeat(anomaly[..., None], 3, 2), np.repeat(normal[..., None], 3, 2), BOX)
+    assert iou(grey, truth) > 0.8
+    assert np.array_equal(grey, rgb)
+
+
+@pytest.mark.parametrize("colour", [True, False])
+def test_no_change_gives_empty_mask(colour):
+    normal = texture(5, colour)
+    assert not extract_mask(normal.copy(), normal, BOX).any()
+
+
+@pytest.mark.parametrize("colour", [True, False])
+@pytest.mark.parametrize("seed", [6, 7])
+def test_vae_like_differences_alone_give_empty_mask(colour, seed):
+    normal = texture(seed, colour)
+    assert not extract_mask(vae_like(normal, seed), normal, BOX).any()
+
+
+def test_mask_stays_inside_boxes():
+    """A change that spills over the box edge, two boxes: nothing outside them is ever marked."""
+    normal = texture(8)
+    boxes = box_of(20, 20, 90, 90) | box_of(150, 140, 230, 220)
+    change = disc(cx=90, cy=90, r=40) | disc(cx=190, cy=180, r=25)
+    anomaly = paint(normal, change, "darker")
+    mask = extract_mask(anomaly, normal, boxes)
+    assert mask.any()
+    assert not (mask & (boxes == 0)).any()
+    # both boxes found, and the in-box part of the change recovered
+    assert mask[20:90, 20:90].any() and mask[140:220, 150:230].any()
+    assert iou(mask, change & (boxes > 0)) > 0.8
+
+
+@pytest.mark.parametrize("look", ["darker", "tinted", "blurred"])
+def test_defect_filling_the_whole_box_is_found(look):
+    """The ring just inside the box is changed too: the drift and noise estimates must not hide it."""
+    normal = texture(16)
+    anomaly = vae_like(paint(normal, BOX > 0, look), 17)
+    assert iou(extract_mask(anomaly, normal, BOX), BOX > 0) > 0.9
+
+
+def test_large_image_and_mixed_grey_rgb_inputs():
+    """Sizes scale with the image (generated images are resized back to e.g. 1024 px)."""
+    size = 1024
+    normal = texture(18, colour=False, size=size)
+    truth = disc(cx=500, cy=480, r=60, size=size)
+    box = box_of(400, 380, 600, 590, size=size)
+    anomaly = paint(normal, truth, "darker")
+    mask = extract_mask(np.repeat(anomaly[..., None], 3, 2), normal, box)  # RGB vs grey
+    assert iou(mask, truth) > 0.85
+    assert not extract_mask(vae_like(normal, 19, box), normal, box).any()
+
+
+def test_specks_are_removed():
+    normal = texture(9)
+    truth = disc(r=20)
+    anomaly = paint(normal, truth, "darker")
+    specks = [(95, 85), (160, 90), (100, 158)]  # 2x2 strong changes away from the defect
+    for x, y in specks:
+        anomaly[y : y + 2, x : x + 2] = 255 - anomaly[y : y + 2, x : x + 2]
+    mask = extract_mask(vae_like(anomaly, 10), normal, BOX)
+    for x, y in specks:
+        assert not mask[y - 2 : y + 4, x - 2 : x + 4].any()
+    assert iou(mask, truth) > 0.8
+
+
+def test_box_formats_are_accepted():
+    normal = texture(11)
+    truth = disc()
+    anomaly = paint(normal, truth, "darker")
+    ref = extract_mask(anomaly, normal, BOX)
+    assert np.array_equal(ref, extract_mask(anomaly, normal, BOX > 0))
+    assert np.array_equal(ref, extract_mask(anomaly, normal, (BOX > 0).astype(np.uint8)))
+    assert np.array_equal(ref, extract_mask(anomaly, normal, np.repeat(BOX[..., None], 3, 2)))
+    assert not extract_mask(anomaly, normal, np.zeros_like(BOX)).any()
+
+
+def test_official_method_runs_and_stays_inside_box():
+    assert MASK_METHODS == ("default", "official")
+    normal = texture(12)
+    truth = disc(r=25)
+    anomaly = vae_like(paint(normal, truth, "tinted"), 13)
+    mask = extract_mask(anomaly, normal, BOX, method="official")
+    assert mask.dtype == bool and mask.shape == truth.shape
+    assert not (mask & (BOX == 0)).any()
+    assert iou(mask, truth) > 0.5  # a hue change is what the RGB cosine sees
+
+
+def test_official_method_without_pydensecrf_is_a_user_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    normal = texture(14)
+    anomaly = paint(normal, disc(), "tinted")
+    with pytest.raises(UserError, match="pydensecrf2"):
+        extract_mask(anomaly, normal, BOX, method="official")
+
+
+def test_bad_inputs_raise_clear_errors():
+    normal = texture(15)
+    with pytest.raises(UserError, match="256x256.*200x256"):
+        extract_mask(normal, normal[:, :200], BOX)
+    with pytest.raises(UserError, match="box mask is 128x256"):
+        extract_mask(normal, normal, BOX[:, :128])
+    with pytest.raises(UserError, match="uint8"):
+        extract_mask(normal.astype(np.float32) / 255, normal, BOX)
+    with pytest.raises(UserError, match="HxWx3"):
+        extract_mask(normal[..., :2], normal[..., :2], BOX)
+    with pytest.raises(UsageError, match="default, official"):
+        extract_mask(normal, normal, BOX, method="cosine")
+    with pytest.raises(UsageError, match="no option threshold"):
+        extract_mask(normal, normal, BOX, threshold=3)
+
+
+def test_benchmark_script_runs():
+    proc = run_script("benchmarks/mask_precision.py", "--num", 3, "--size", 128, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| all " in proc.stdout and "ms per image" in proc.stdout
