@@ -1,0 +1,195 @@
+"""Training step time: this project's loop (latents drawn from the one-time cache) against a loop that
+re-encodes every step (the original design: VAE-encode the defect image, the masked image and an
+unused defect-free image, and run the text encoder, every step), in one run, on the same model, batch
+and records.
+
+    python benchmarks/train_step.py                                 # tiny and mid-size models, 256 px
+    python benchmarks/train_step.py --models mid --resolution 512 --batch_size 2
+    python benchmarks/train_step.py --models full --device cuda --mixed_precision fp16 --batch_size 6
+
+Models (random weights, nothing downloaded): `tiny` is the tests' checkpoint; `mid` a scaled-down SD
+(UNet blocks 128/256/256, VAE blocks 64/128/128/128, 6-layer 512-wide text encoder); `full` the SD-1.5
+inpainting architecture (GPU). The re-encoding loop gets its images already decoded and resized in
+memory, so only the VAE and text-encoder work counts against it. Both loops run the same LoRA
+forward/backward/AdamW step; timings are interleaved and the median counts.
+"""
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mvp_diff.latent_cache import ExampleImages, build_latent_cache  # noqa: E402
+from mvp_diff.training import SampleStream, add_lora, diffusion_loss  # noqa: E402
+
+WORK = REPO / "benchmarks" / "_work" / "training"
+
+SD15_UNET = dict(in_channels=9, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                 attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, sample_size=64)
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512, scaling_factor=0.18215)
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77, projection_dim=768)
+MID_UNET = dict(in_channels=9, out_channels=4, layers_per_block=2, block_out_channels=(128, 256, 256), cross_attention_dim=512, attention_head_dim=8,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), sample_size=32)
+MID_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(64, 128, 128, 128),
+               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256, scaling_factor=0.18215)
+MID_TEXT = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, max_position_embeddings=77, projection_dim=512)
+
+
+def tiny_checkpoint():
+    from mvp_diff.checkpoint import build_tiny_inpainting_checkpoint
+
+    path = WORK / "tiny_inpainting"
+    if not (path / "model_index.json").is_file():
+        build_tiny_inpainting_checkpoint(path)
+    return path
+
+
+def build_models(name):
+    """(unet, vae, text_encoder, tokenizer, noise_scheduler) of a model size, random weights."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    ckpt = tiny_checkpoint()
+    tokenizer = CLIPTokenizer.from_pretrained(ckpt, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(ckpt, subfolder="scheduler")
+    torch.manual_seed(0)
+    if name == "tiny":
+        unet = UNet2DConditionModel.from_pretrained(ckpt, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(ckpt, subfolder="vae")
+        text_encoder = CLIPTextModel.from_pretrained(ckpt, subfolder="text_encoder")
+    else:
+        unet_cfg, vae_cfg, text_cfg = (SD15_UNET, SD15_VAE, SD15_TEXT) if name == "full" else (MID_UNET, MID_VAE, MID_TEXT)
+        unet, vae = UNet2DConditionModel(**unet_cfg), AutoencoderKL(**vae_cfg)
+        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                                    pad_token_id=tokenizer.pad_token_id, **text_cfg))
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def records():
+    """(image, box mask, defect-free image, sentence) of the demo bottle's anomalies."""
+    from mvp_diff.dataset import load_class
+    from mvp_diff.demo_data import build_demo_dataset
+    from mvp_diff.records import BoxParams, build_records, compute_boxes, write_box_masks
+
+    root = WORK / "dataset"
+    if not (root / "bottle").is_dir():
+        build_demo_dataset(root, classes=("bottle",))
+    class_data = load_class(root, "bottle")
+    boxes, _ = compute_boxes(class_data, BoxParams(), progress=False)
+    write_box_masks(class_data, boxes, BoxParams(), progress=False)
+    train, test = build_records(class_data, boxes)
+    return [(root / r["image"], root / r["bbox_mask"], root / r["good_image"], r["text"]) for r in train + test]
+
+
+def bench(name, args):
+    device = torch.device(args.device)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    unet, vae, text_encoder, tokenizer, scheduler = build_models(name)
+    unet.requires_grad_(False), vae.requires_grad_(False), text_encoder.requires_grad_(False)
+    for model in (unet, vae, text_encoder):
+        model.to(device) if dtype == torch.float32 else model.to(device, dtype)
+    add_lora(unet, 4)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    autocast = torch.autocast(device.type, dtype) if args.mixed_precision != "no" else torch.autocast(device.type, enabled=False)
+
+    data = records()
+    started = time.perf_counter()
+    cache = build_latent_cache(vae, text_encoder, tokenizer, [(d[0], d[1]) for d in data], [d[3] for d in data], args.resolution,
+                               device=device, dtype=dtype, progress=False)
+    cache_seconds = time.perf_counter() - started
+    stream = SampleStream(0, len(data), args.batch_size, cache.latent_shape)
+    # The re-encoding loop's inputs, decoded and resized once so that only the encoders count.
+    pixels, masks = zip(*[ExampleImages([(d[0], d[1])], args.resolution)[0] for d in data])
+    goods = [ExampleImages([(d[2], d[1])], args.resolution)[0][0] for d in data]
+    pixels, masks, goods = torch.stack(pixels), torch.stack(masks), torch.stack(goods)
+    ids = tokenizer([d[3] for d in data], max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids
+
+    def optimize(batch):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast:
+            loss = diffusion_loss(unet, scheduler, batch, snr_gamma=10)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def cached_step(m):
+        optimize(stream.batch(cache, m, 0, args.batch_size))
+
+    def reencode_step(m):
+        idx = torch.as_tensor(stream.records(m)[: args.batch_size])
+        g = torch.Generator().manual_seed(m)
+        with torch.no_grad():
+            pix, mask, good = pixels[idx].to(device, dtype), masks[idx].to(device, dtype), goods[idx].to(device, dtype)
+            latents = vae.encode(pix).latent_dist.sample() * vae.config.scaling_factor
+            masked_latents = vae.encode(pix * (mask < 0.5)).latent_dist.sample() * vae.config.scaling_factor
+            vae.encode(good).latent_dist.sample()  # the original encoded a defect-free image every step, unused
+            text = text_encoder(ids[idx].to(device))[0]
+        shape = latents.shape
+        optimize(dict(latents=latents.float(), masked_latents=masked_latents.float(), mask=F.interpolate(mask.float(), size=shape[-2:]),
+                      text=text.float(), noise=torch.randn(shape, generator=g), timesteps=torch.randint(0, 1000, (shape[0],), generator=g)))
+
+    def timed(step, m):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for i in range(args.steps):
+            step(m + i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / args.steps
+
+    cached_step(0), reencode_step(0)  # warm-up
+    cached, reencoded = [], []
+    for r in range(args.repeats):
+        cached.append(timed(cached_step, 1 + 2 * r * args.steps))
+        reencoded.append(timed(reencode_step, 1 + (2 * r + 1) * args.steps))
+    count = lambda model: sum(p.numel() for p in model.parameters()) / 1e6  # noqa: E731
+    return dict(model=name, unet=count(unet), vae=count(vae), text=count(text_encoder), records=len(data), cache_s=cache_seconds,
+                cached=statistics.median(cached), reencode=statistics.median(reencoded))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["tiny", "mid"], choices=("tiny", "mid", "full"))
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="steps per timing (default: 3)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timings per loop; the median counts (default: 3)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+          f"{args.resolution} px, batch {args.batch_size}, {args.mixed_precision}, gradient checkpointing {args.gradient_checkpointing}")
+    print("| model | UNet / VAE / text (M params) | cache (one-time, s) | cached step (s) | re-encode step (s) | speed-up |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name in args.models:
+        r = bench(name, args)
+        print(f"| {r['model']} | {r['unet']:.1f} / {r['vae']:.1f} / {r['text']:.1f} | {r['cache_s']:.2f} ({r['records']} records) | "
+              f"{r['cached']:.3f} | {r['reencode']:.3f} | {r['reencode'] / r['cached']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
