@@ -1,0 +1,500 @@
+"""Stage 3b: inpaint a defect into each random box of a defect-free image, keep every pixel outside the
+boxes from the original, extract the precise mask and write an MVTec-layout dataset:
+
+    OUTPUT/CLASS/test/DEFECT/NNN.png                generated image, at the original size and mode
+    OUTPUT/CLASS/ground_truth/DEFECT/NNN_mask.png   precise mask (the box with --extract_mask off)
+    OUTPUT/CLASS/ground_truth/DEFECT/NNN_box.png    box mask
+    OUTPUT/CLASS/manifest.jsonl                     one line per sample
+    OUTPUT/CLASS/.samples/NNN.json                  the sample's manifest entry, written last: a
+                                                    sample is done when it exists with its files
+    OUTPUT/CLASS/.samples/settings.json             generation settings of the folder
+
+Sample NNN uses the seed `--seeds + NNN` through its own generator, so its image does not depend on
+the batch size, the number of processes, or which other samples run.
+"""
+
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from .checkpoint import check_checkpoint
+from .errors import UsageError, UserError
+from .files import atomic_write_json, atomic_write_jsonl, image_size, open_image, read_jsonl, read_mask, save_image
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+SAMPLES_DIR = ".samples"
+SETTINGS = "settings.json"
+MANIFEST_EVERY = 30.0  # seconds between manifest rewrites during a run
+# Settings that change what a sample looks like; a folder never mixes two of them.
+SETTING_KEYS = ("checkpoint", "lora", "lora_scale", "num_inference_steps", "guidance_scale", "strength", "resolution", "seeds", "extract_mask", "mask_method")
+
+
+@dataclass
+class Settings:
+    checkpoint: str
+    lora: str  # folder holding pytorch_lora_weights.safetensors, or None for the base model
+    num_inference_steps: int = 20
+    guidance_scale: float = 3.5
+    strength: float = 1.0
+    resolution: int = 512
+    seeds: int = 0
+    extract_mask: bool = False
+    mask_method: str = "default"
+    lora_scale: float = 1.0
+    batch_size: int = 4
+    skip_empty: bool = False
+
+    def fingerprint(self):
+        return {k: getattr(self, k) for k in SETTING_KEYS}
+
+
+@dataclass
+class Sample:
+    index: int
+    name: str  # NNN
+    defect_type: str
+    prompt: str
+    seed: int
+    boxes: list
+    good_path: Path
+    box_path: Path
+    width: int
+    height: int
+    flags: list = field(default_factory=list)
+
+    def paths(self, out_dir: Path):
+        """(image, mask, box mask) paths under OUTPUT/CLASS."""
+        return (
+            out_dir / "test" / self.defect_type / f"{self.name}.png",
+            out_dir / "ground_truth" / self.defect_type / f"{self.name}_mask.png",
+            out_dir / "ground_truth" / self.defect_type / f"{self.name}_box.png",
+        )
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+
+
+def boxes_file(mask_dir, classname) -> Path:
+    return Path(mask_dir) / classname / "boxes.jsonl"
+
+
+def load_box_records(mask_dir, classname, dataset):
+    path = boxes_file(mask_dir, classname)
+    if not path.is_file():
+        raise UserError(
+            f"no boxes for class {classname}: {path} not found; run first: "
+            f"python random_box.py --classname {classname} --dataset {dataset} --outdir {mask_dir} --num N"
+        )
+    records = read_jsonl(path)
+    if not records:
+        raise UserError(f"{path}: no samples; rerun random_box.py")
+    for lineno, record in enumerate(records, 1):
+        missing = [k for k in ("index", "defect_type", "good_image", "box_mask", "boxes", "text") if k not in record]
+        if missing:
+            raise UserError(f"{path}:{lineno}: lacks {', '.join(missing)}; rerun random_box.py")
+    return records
+
+
+def select_records(records, num=None, path="boxes.jsonl"):
+    """The first `num` samples taking defect types in turn (all when num is None), in index order."""
+    if num is None:
+        return sorted(records, key=lambda r: r["index"])
+    if num < 1:
+        raise UsageError(f"--num must be >= 1, got {num}")
+    if num > len(records):
+        raise UserError(f"--num {num} but {path} holds {len(records)} samples; rerun random_box.py with --num {num}")
+    by_type = {}
+    for record in sorted(records, key=lambda r: r["index"]):
+        by_type.setdefault(record["defect_type"], []).append(record)
+    queues = [list(v) for _, v in sorted(by_type.items())]
+    chosen = []
+    while len(chosen) < num:
+        for queue in queues:
+            if queue and len(chosen) < num:
+                chosen.append(queue.pop(0))
+    return sorted(chosen, key=lambda r: r["index"])
+
+
+def build_samples(records, mask_dir, classname, dataset, seeds, warn=print):
+    """Samples with their files checked (sizes read from headers only)."""
+    folder = Path(mask_dir) / classname
+    samples = []
+    for record in records:
+        good = Path(dataset) / record["good_image"]
+        if not good.is_file() and record.get("dataset_root"):
+            good = Path(record["dataset_root"]) / record["good_image"]
+        if not good.is_file():
+            raise UserError(f"{good}: defect-free image of sample {record['index']} not found; rerun random_box.py with this --dataset")
+        box_path = folder / record["box_mask"]
+        if not box_path.is_file():
+            raise UserError(f"{box_path}: box mask not found; rerun random_box.py --classname {classname} --outdir {mask_dir}")
+        width, height = image_size(good)
+        sample = Sample(
+            index=int(record["index"]),
+            name=Path(record["box_mask"]).stem,  # NNN as random_box.py numbered it
+            defect_type=record["defect_type"],
+            prompt=record["text"],
+            seed=seeds + int(record["index"]),
+            boxes=record["boxes"],
+            good_path=good.resolve(),
+            box_path=box_path,
+            width=width,
+            height=height,
+        )
+        if image_size(box_path) != (width, height):
+            warn(f"warning: {box_path} is {image_size(box_path)} but {good} is {(width, height)} (width, height); resizing the box mask")
+            sample.flags.append("box_mask_resized")
+        samples.append(sample)
+    return samples
+
+
+def load_good(sample: Sample):
+    """The defect-free image as saved: HxW uint8 for grey (L) images, else HxWx3 RGB."""
+    im = open_image(sample.good_path)
+    if im.mode == "L":
+        return np.asarray(im)
+    if im.mode in ("I;16", "I;16B", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        arr = arr / (65535.0 if arr.max() > 255 else 255.0) * 255.0
+        return np.repeat(np.clip(arr, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
+
+
+def load_box(sample: Sample):
+    box = read_mask(sample.box_path)
+    if box.shape != (sample.height, sample.width):
+        box = cv2.resize(box.astype(np.uint8), (sample.width, sample.height), interpolation=cv2.INTER_NEAREST) > 0
+    if not box.any():
+        raise UserError(f"{sample.box_path}: empty box mask; rerun random_box.py")
+    return box
+
+
+# --- model -----------------------------------------------------------------------------------------
+
+
+def pick_variant(checkpoint: Path, dtype):
+    """"fp16" when the UNet ships fp16 variant files and either fp16 is asked for or no full-precision
+    weights exist (the layout of the SD-1.5 inpainting release), else None."""
+    import torch
+
+    names = [p.name for p in (checkpoint / "unet").iterdir() if p.name.startswith("diffusion_pytorch_model")]
+    has_fp16 = any(".fp16." in n for n in names)
+    has_plain = any(".fp16." not in n for n in names)
+    return "fp16" if has_fp16 and (dtype == torch.float16 or not has_plain) else None
+
+
+def check_lora(lora_dir, classname):
+    """The folder holding the LoRA weights; a missing one names the Stage 2 command."""
+    path = Path(lora_dir)
+    if path.is_file():
+        return path
+    if not (path / LORA_WEIGHTS).is_file():
+        raise UserError(
+            f"--lora_dir {path}: no {LORA_WEIGHTS}; train it first (python train_diffusion.py --pretrained_model_name_or_path "
+            f"checkpoints/inpainting --train_data_dir ./dataset/{classname} --output_dir {path.parent} ...) or pass --no_lora for the base model"
+        )
+    return path
+
+
+def load_pipeline(checkpoint, device="cpu", dtype=None, lora=None, lora_scale=1.0):
+    """StableDiffusionInpaintPipeline from a local diffusers folder (.safetensors or .bin weights, fp16
+    variant files), no safety checker, nothing downloaded; the LoRA (if any) fused into the UNet."""
+    import torch
+    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    dtype = dtype or torch.float32
+    path = check_checkpoint(checkpoint, flag="--checkpoint_dir")
+    variant = pick_variant(path, dtype)
+    # Loading bars and notices ("safety checker disabled") would bury the run's own progress.
+    for logging in (diffusers_logging, transformers_logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    # A folder with .bin weights only makes diffusers log an "error" before it falls back to them.
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        pipe = StableDiffusionInpaintPipeline.from_pretrained(
+            path, safety_checker=None, requires_safety_checker=False, dtype=dtype, variant=variant, local_files_only=True
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"--checkpoint_dir {path}: cannot load the pipeline ({err.__class__.__name__}: {str(err).splitlines()[0]})")
+    finally:
+        diffusers_logging.set_verbosity_error()
+    if lora is not None:
+        lora = Path(lora)
+        folder, weight_name = (lora.parent, lora.name) if lora.is_file() else (lora, LORA_WEIGHTS)
+        try:
+            pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name="mvp_diff")
+        except (OSError, ValueError, RuntimeError, KeyError) as err:
+            raise UserError(f"--lora_dir {lora}: cannot load the LoRA ({err.__class__.__name__}: {str(err).splitlines()[0]})")
+        if "mvp_diff" not in pipe.get_list_adapters().get("unet", []):
+            raise UserError(f"--lora_dir {lora}: {weight_name} holds no UNet LoRA weights for this checkpoint")
+        # Fused weights cost nothing per step; the adapter layers are then dropped.
+        pipe.fuse_lora(components=["unet"], lora_scale=lora_scale)
+        pipe.unload_lora_weights()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+# --- generation ------------------------------------------------------------------------------------
+
+
+def processing_size(width, height, resolution):
+    """(w, h) the pipeline runs at: the longer side at `resolution`, both multiples of 8."""
+    scale = resolution / max(width, height)
+    return max(8, round(width * scale / 8) * 8), max(8, round(height * scale / 8) * 8)
+
+
+def as_rgb(image):
+    return image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+
+
+def pipeline_inputs(good, box, size):
+    """Defect-free image and box mask at the pipeline's size; the mask covers every pixel the box
+    touches (area resize, any coverage counts)."""
+    image = Image.fromarray(as_rgb(good)).resize(size, Image.Resampling.LANCZOS)
+    mask = cv2.resize(box.astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0
+    return image, Image.fromarray(mask.astype(np.uint8) * 255)
+
+
+def generate(pipe, prompts, images, masks, seeds, size, settings: Settings):
+    """One pipeline call for a batch of the same size; one generator per sample. uint8 HxWx3 arrays."""
+    import torch
+
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    with torch.inference_mode():
+        out = pipe(
+            prompt=list(prompts),
+            image=list(images),
+            mask_image=list(masks),
+            height=size[1],
+            width=size[0],
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            strength=settings.strength,
+            generator=generators,
+            output_type="np",
+        ).images
+    return [(np.clip(o, 0.0, 1.0) * 255.0).round().astype(np.uint8) for o in out]
+
+
+def paste_back(generated, good, box):
+    """The generated pixels inside the box, at the original size; every other pixel is the original's.
+    Grey originals stay grey (luma of the generated colours)."""
+    height, width = box.shape
+    up = Image.fromarray(generated).resize((width, height), Image.Resampling.BICUBIC)
+    if good.ndim == 2:
+        up = up.convert("L")
+    out = good.copy()
+    out[box] = np.asarray(up)[box]
+    return out
+
+
+def precise_mask(anomaly, good, box, settings: Settings):
+    if not settings.extract_mask:
+        return box.copy()
+    from .masks import extract_mask
+
+    return extract_mask(anomaly, good, box.astype(np.uint8) * 255, method=settings.mask_method) & box
+
+
+# --- outputs and resume ----------------------------------------------------------------------------
+
+
+def entry_path(out_dir: Path, sample: Sample) -> Path:
+    return out_dir / SAMPLES_DIR / f"{sample.name}.json"
+
+
+def expected_fields(sample: Sample):
+    return {"defect_type": sample.defect_type, "prompt": sample.prompt, "seed": sample.seed, "boxes": sample.boxes, "good_image": str(sample.good_path)}
+
+
+def is_done(out_dir: Path, sample: Sample) -> bool:
+    """The sample's entry exists, describes this very sample, and its files are there."""
+    path = entry_path(out_dir, sample)
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if any(entry.get(k) != v for k, v in expected_fields(sample).items()):
+        return False
+    return bool(entry.get("skipped")) or all(p.is_file() for p in sample.paths(out_dir))
+
+
+def write_sample(out_dir: Path, sample: Sample, image, mask, box, settings: Settings, classname):
+    """Files first, the entry last (each atomic): a killed run never leaves a sample marked done
+    without its files."""
+    image_path, mask_path, box_path = sample.paths(out_dir)
+    flags = list(sample.flags)
+    area = int(mask.sum())
+    if area == 0:
+        flags.append("empty_mask")
+    skipped = settings.skip_empty and area == 0
+    if skipped:
+        for p in (image_path, mask_path, box_path):
+            p.unlink(missing_ok=True)
+    else:
+        save_image(image_path, image)
+        save_image(mask_path, mask.astype(np.uint8) * 255)
+        save_image(box_path, box.astype(np.uint8) * 255)
+    entry = {
+        "index": sample.index,
+        "class": classname,
+        "defect_type": sample.defect_type,
+        "prompt": sample.prompt,
+        "seed": sample.seed,
+        "boxes": sample.boxes,
+        "image": image_path.relative_to(out_dir).as_posix(),
+        "mask": mask_path.relative_to(out_dir).as_posix(),
+        "box_mask": box_path.relative_to(out_dir).as_posix(),
+        "good_image": str(sample.good_path),
+        "mask_area": area,
+        "box_area": int(box.sum()),
+        "mask_method": settings.mask_method if settings.extract_mask else "box",
+        "flags": flags,
+        "width": sample.width,
+        "height": sample.height,
+    }
+    if skipped:
+        entry["skipped"] = True
+    atomic_write_json(entry_path(out_dir, sample), entry)
+    return entry
+
+
+def rebuild_manifest(out_dir: Path):
+    """manifest.jsonl from every finished sample's entry, by index (skipped samples left out)."""
+    entries = []
+    for path in (out_dir / SAMPLES_DIR).glob("*.json"):
+        if re.fullmatch(r"\d+\.json", path.name):
+            try:
+                entries.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError):
+                continue  # a half-written entry cannot exist (atomic writes); an edited one is skipped
+    entries = [e for e in sorted(entries, key=lambda e: e["index"]) if not e.get("skipped")]
+    atomic_write_jsonl(out_dir / "manifest.jsonl", entries)
+    return entries
+
+
+def prepare_output(out_dir: Path, settings: Settings, overwrite=False):
+    """Start over with --overwrite; otherwise refuse to mix samples made with other settings."""
+    if overwrite:
+        for name in ("test", "ground_truth", SAMPLES_DIR):
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+        (out_dir / "manifest.jsonl").unlink(missing_ok=True)
+    # Temporary files of a killed run's unfinished writes.
+    for tmp in out_dir.glob("**/.*.tmp"):
+        tmp.unlink(missing_ok=True)
+    path = out_dir / SAMPLES_DIR / SETTINGS
+    wanted = settings.fingerprint()
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            saved = None
+        if saved is not None and saved != wanted:
+            changed = [f"{k} {saved.get(k)!r} -> {wanted[k]!r}" for k in SETTING_KEYS if saved.get(k) != wanted[k]]
+            raise UserError(f"{out_dir} holds samples made with other settings ({'; '.join(changed)}); pass --overwrite to start over or choose another --output")
+    atomic_write_json(path, wanted)
+
+
+def batches(samples, batch_size, resolution):
+    """Lists of samples of the same pipeline size, at most `batch_size` each, in index order."""
+    groups = {}
+    for s in samples:
+        groups.setdefault(processing_size(s.width, s.height, resolution), []).append(s)
+    out = []
+    for size, group in groups.items():
+        for i in range(0, len(group), batch_size):
+            out.append((size, group[i : i + batch_size]))
+    return sorted(out, key=lambda b: b[1][0].index)
+
+
+def run_batch(pipe, size, samples, settings: Settings, out_dir: Path, classname):
+    goods = [load_good(s) for s in samples]
+    boxes = [load_box(s) for s in samples]
+    inputs = [pipeline_inputs(g, b, size) for g, b in zip(goods, boxes)]
+    generated = generate(pipe, [s.prompt for s in samples], [i for i, _ in inputs], [m for _, m in inputs], [s.seed for s in samples], size, settings)
+    entries = []
+    for sample, good, box, gen in zip(samples, goods, boxes, generated):
+        image = paste_back(gen, good, box)
+        mask = precise_mask(image, good, box, settings)
+        entries.append(write_sample(out_dir, sample, image, mask, box, settings, classname))
+    return entries
+
+
+# --- the whole stage -------------------------------------------------------------------------------
+
+
+def resolve_device(device=None, dtype="auto"):
+    """(torch device, torch dtype) for this process: under `accelerate launch` each process takes
+    its own GPU; fp16 on CUDA and fp32 on CPU unless --dtype says otherwise."""
+    import torch
+    from accelerate import PartialState
+
+    # On CPU, PartialState only joins the other processes when told it runs on CPU.
+    cpu = (device is not None and torch.device(device).type == "cpu") or (device is None and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
+    if device is None:
+        device = state.device
+    else:
+        device = torch.device(device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UsageError("--device cuda: no CUDA device found; use --device cpu")
+            if device.index is None and state.num_processes > 1:
+                device = torch.device("cuda", state.local_process_index)
+    dtypes = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype == "auto":
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = dtypes[dtype]
+    return state, device, dtype
+
+
+def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=None, device=None, dtype="auto", overwrite=False):
+    """Generate every selected sample not yet done; returns (PartialState, OUTPUT/CLASS, manifest entries)."""
+    from tqdm.auto import tqdm
+
+    from .dataset import class_dir
+
+    class_dir(dataset, classname)  # a clear error for an unknown class or dataset
+    records = select_records(load_box_records(mask_dir, classname, dataset), num, boxes_file(mask_dir, classname))
+    settings.checkpoint = str(check_checkpoint(settings.checkpoint, flag="--checkpoint_dir").resolve())
+    if settings.lora is not None:
+        settings.lora = str(check_lora(settings.lora, classname).resolve())
+    state, device, torch_dtype = resolve_device(device, dtype)
+    warn = (lambda msg: print(msg, flush=True)) if state.is_main_process else (lambda msg: None)
+    samples = build_samples(records, mask_dir, classname, dataset, settings.seeds, warn)
+    out_dir = Path(output) / classname
+    if state.is_main_process:
+        prepare_output(out_dir, settings, overwrite)
+    state.wait_for_everyone()
+    pending = [s for s in samples if not is_done(out_dir, s)]
+    state.wait_for_everyone()  # every process has scanned before any writes
+    mine = pending[state.process_index :: state.num_processes]
+    if pending and state.is_main_process:
+        print(f"{len(samples) - len(pending)} of {len(samples)} samples already done; generating {len(pending)} on {state.num_processes} process(es)", flush=True)
+    if mine:
+        pipe = load_pipeline(settings.checkpoint, device, torch_dtype, settings.lora, settings.lora_scale)
+        bar = tqdm(total=len(mine), desc=f"inpainting {classname}", disable=not state.is_main_process)
+        written = time.monotonic()
+        for size, batch in batches(mine, settings.batch_size, settings.resolution):
+            run_batch(pipe, size, batch, settings, out_dir, classname)
+            # The per-sample entries are what resuming relies on; the manifest follows them at most
+            # MANIFEST_EVERY seconds late (rewriting it after every batch would cost O(N^2)).
+            if state.is_main_process and time.monotonic() - written > MANIFEST_EVERY:
+                rebuild_manifest(out_dir)
+                written = time.monotonic()
+            bar.update(len(batch))
+        bar.close()
+    state.wait_for_everyone()
+    entries = rebuild_manifest(out_dir) if state.is_main_process else []
+    return state, out_dir, entries
