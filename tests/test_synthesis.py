@@ -25,7 +25,6 @@ from mvp_diff.random_boxes import foreground, is_texture, random_box_records, re
 from mvp_diff.synthesis import Sample, Settings, is_done, load_pipeline, pick_variant, rebuild_manifest, write_sample
 
 FAST = ["--resolution", "64", "--num_inference_steps", "4"]
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # Tiny models gain nothing from threads, and two threads on a busy 2-core machine run several
 # times slower than one.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -45,24 +44,20 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def lora_dir(tiny_checkpoint, tmp_path_factory):
-    """A LoRA saved the way Stage 2 saves it (peft LoRA rank 4 on the UNet attention projections,
-    diffusers format). B gets random values instead of its zero init so the LoRA changes outputs."""
-    import torch
-    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet = UNet2DConditionModel.from_pretrained(tiny_checkpoint, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    folder = tmp_path_factory.mktemp("lora") / "bottle"
-    StableDiffusionInpaintPipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+def lora_dir(tiny_checkpoint, demo_dataset_master, tmp_path_factory):
+    """The LoRA of a short real Stage 2 run on the demo bottle class (high learning rate, so that the
+    LoRA visibly changes outputs)."""
+    work = tmp_path_factory.mktemp("stage2")
+    shutil.copytree(demo_dataset_master, work / "dataset")
+    run_script("location_describer.py", "--classname", "bottle", "--dataset", "./dataset", "--outdir", "./script", cwd=work, check=True)
+    run_script("boundbox.py", "--classname", "bottle", "--dataset", "./dataset", cwd=work, check=True)
+    run_script(
+        "train_diffusion.py", "--pretrained_model_name_or_path", tiny_checkpoint, "--train_data_dir", "./dataset/bottle",
+        "--train_batch_size", "2", "--max_train_steps", "6", "--learning_rate", "5e-2", "--lr_scheduler", "constant",
+        "--resolution", "64", "--seed", "0", "--output_dir", "./output", "--report_to", "none",
+        cwd=work, env=ONE_THREAD, check=True,
+    )
+    folder = work / "output" / "bottle"
     assert (folder / "pytorch_lora_weights.safetensors").is_file()
     return folder
 
