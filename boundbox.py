@@ -11,9 +11,8 @@ import argparse
 import sys
 
 from mvp_diff.cli_args import add_box_args, add_dataset_args
-from mvp_diff.dataset import load_class
 from mvp_diff.errors import cli
-from mvp_diff.records import BoxParams, compute_boxes, write_box_masks
+from mvp_diff.records import BoxParams, load_class_boxes, write_box_masks
 
 
 def parse_args(argv=None):
@@ -26,17 +25,11 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    class_data = load_class(args.dataset, args.classname, args.mask_suffix)
-    for anomaly in class_data.empty_masks:
-        print(f"skipped {anomaly.image}: its mask {anomaly.mask} is empty", file=sys.stderr)
-    params = BoxParams(args.min_area, args.merge_gap, args.margin)
-    boxes, notes = compute_boxes(class_data, params)
-    for anomaly, dropped in notes:
-        print(f"{anomaly.mask}: dropped {dropped} region(s) under {args.min_area} px", file=sys.stderr)
+    class_data, boxes = load_class_boxes(args)
     for key, found in boxes.items():
         if not found:
             print(f"{key}: no region left after --min_area {args.min_area}; no box mask written", file=sys.stderr)
-    path = write_box_masks(class_data, boxes, params)
+    path = write_box_masks(class_data, boxes, BoxParams(args.min_area, args.merge_gap, args.margin))
     n = sum(len(b) for b in boxes.values())
     print(f"{n} boxes of {len(boxes)} anomalies -> {class_data.root / 'bbox'}/ and {path}")
 

@@ -8,13 +8,11 @@ Paths in the records are relative to the record's `dataset_root` (absolute).
 """
 
 import argparse
-import sys
 
 from mvp_diff.cli_args import add_box_args, add_dataset_args
-from mvp_diff.dataset import load_class
 from mvp_diff.errors import cli
 from mvp_diff.files import atomic_write_jsonl
-from mvp_diff.records import BoxParams, build_records, compute_boxes, load_saved_boxes, records_paths
+from mvp_diff.records import build_records, load_class_boxes, records_paths
 
 
 def parse_args(argv=None):
@@ -29,15 +27,7 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    class_data = load_class(args.dataset, args.classname, args.mask_suffix)
-    for anomaly in class_data.empty_masks:
-        print(f"skipped {anomaly.image}: its mask {anomaly.mask} is empty", file=sys.stderr)
-    # Boxes from boundbox.py when it has run (so both stages agree), else computed the same way.
-    boxes = load_saved_boxes(class_data)
-    if boxes is None:
-        boxes, notes = compute_boxes(class_data, BoxParams(args.min_area, args.merge_gap, args.margin))
-        for anomaly, dropped in notes:
-            print(f"{anomaly.mask}: dropped {dropped} region(s) under {args.min_area} px", file=sys.stderr)
+    class_data, boxes = load_class_boxes(args, use_saved=True)
     train, test = build_records(class_data, boxes, args.train_fraction)
     train_path, test_path = records_paths(args.outdir, args.classname)
     atomic_write_jsonl(train_path, train)

@@ -1,13 +1,14 @@
 """Stage 1: boxes of every real anomaly and its training record (image, box mask, sentence)."""
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .boxes import box_mask, boxes_from_mask
-from .dataset import ClassData, good_image_for, relative_to_root, split_anomalies
+from .dataset import ClassData, good_image_for, load_class, relative_to_root, split_anomalies
 from .errors import UserError
 from .files import atomic_write_json, image_size, read_mask, save_image
 from .prompts import describe
@@ -73,7 +74,9 @@ def build_records(class_data: ClassData, boxes, train_fraction=1 / 3):
         train, test = split_anomalies(class_data.anomalies[defect], train_fraction)
         for split, members in (("train", train), ("test", test)):
             for anomaly in members:
-                found = boxes.get(anomaly_key(anomaly)) or []
+                if anomaly_key(anomaly) not in boxes:
+                    raise UserError(f"{class_data.boxes_json} has no boxes for {anomaly.image}; rerun boundbox.py")
+                found = boxes[anomaly_key(anomaly)]
                 if not found:
                     continue
                 width, height = image_size(anomaly.image)
@@ -100,3 +103,17 @@ def build_records(class_data: ClassData, boxes, train_fraction=1 / 3):
 def records_paths(outdir, classname):
     folder = Path(outdir) / classname
     return folder / f"{classname}_train.jsonl", folder / f"{classname}_test.jsonl"
+
+
+def load_class_boxes(args, use_saved=False):
+    """(ClassData, boxes) for a Stage 1 script's parsed args; reports skipped masks and dropped regions
+    on stderr. With `use_saved`, boundbox.py's boxes.json wins when it exists, so both scripts agree."""
+    class_data = load_class(args.dataset, args.classname, args.mask_suffix)
+    for anomaly in class_data.empty_masks:
+        print(f"skipped {anomaly.image}: its mask {anomaly.mask} is empty", file=sys.stderr)
+    boxes = load_saved_boxes(class_data) if use_saved else None
+    if boxes is None:
+        boxes, notes = compute_boxes(class_data, BoxParams(args.min_area, args.merge_gap, args.margin))
+        for anomaly, dropped in notes:
+            print(f"{anomaly.mask}: dropped {dropped} region(s) under {args.min_area} px", file=sys.stderr)
+    return class_data, boxes
