@@ -3,7 +3,8 @@ boxes from the original, extract the precise mask and write an MVTec-layout data
 
     OUTPUT/CLASS/test/DEFECT/NNN.png                generated image, at the original size and mode
     OUTPUT/CLASS/ground_truth/DEFECT/NNN_mask.png   precise mask (the box with --extract_mask off)
-    OUTPUT/CLASS/ground_truth/DEFECT/NNN_box.png    box mask
+    OUTPUT/CLASS/bbox/DEFECT/NNN_mask.png           box mask (a folder of its own, so MVTec loaders
+                                                    that pair ground_truth/ files by name still work)
     OUTPUT/CLASS/manifest.jsonl                     one line per sample
     OUTPUT/CLASS/.samples/NNN.json                  the sample's manifest entry, written last: a
                                                     sample is done when it exists with its files
@@ -74,7 +75,7 @@ class Sample:
         return (
             out_dir / "test" / self.defect_type / f"{self.name}.png",
             out_dir / "ground_truth" / self.defect_type / f"{self.name}_mask.png",
-            out_dir / "ground_truth" / self.defect_type / f"{self.name}_box.png",
+            out_dir / "bbox" / self.defect_type / f"{self.name}_mask.png",
         )
 
 
@@ -386,7 +387,7 @@ def rebuild_manifest(out_dir: Path):
 def prepare_output(out_dir: Path, settings: Settings, overwrite=False):
     """Start over with --overwrite; otherwise refuse to mix samples made with other settings."""
     if overwrite:
-        for name in ("test", "ground_truth", SAMPLES_DIR):
+        for name in ("test", "ground_truth", "bbox", SAMPLES_DIR):
             shutil.rmtree(out_dir / name, ignore_errors=True)
         (out_dir / "manifest.jsonl").unlink(missing_ok=True)
     # Temporary files of a killed run's unfinished writes.

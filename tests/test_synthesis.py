@@ -246,7 +246,7 @@ def test_seed_command_inpainting_outputs(seed_run):
     entries = manifest(out)
     assert [e["index"] for e in entries] == list(range(100))
     assert len(list(out.glob("test/*/*.png"))) == 100 and len(list(out.glob("ground_truth/*/*_mask.png"))) == 100
-    assert len(list(out.glob("ground_truth/*/*_box.png"))) == 100
+    assert len(list(out.glob("bbox/*/*_mask.png"))) == 100
     boxes = {r["index"]: r for r in read_jsonl(work / "output" / "dataset" / "mask" / "bottle" / "boxes.jsonl")}
     for e in entries:
         assert e["class"] == "bottle" and e["mask_method"] == "default" and e["seed"] == e["index"]
