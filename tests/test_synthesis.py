@@ -25,19 +25,6 @@ from mvp_diff.random_boxes import foreground, is_texture, random_box_records, re
 from mvp_diff.synthesis import Sample, Settings, is_done, load_pipeline, pick_variant, rebuild_manifest, write_sample
 
 FAST = ["--resolution", "64", "--num_inference_steps", "4"]
-# Tiny models gain nothing from threads, and two threads on a busy 2-core machine run several
-# times slower than one.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- fixtures ----------------------------------------------------------------------------------------
@@ -55,7 +42,7 @@ def lora_dir(tiny_checkpoint, demo_dataset_master, tmp_path_factory):
         "train_diffusion.py", "--pretrained_model_name_or_path", tiny_checkpoint, "--train_data_dir", "./dataset/bottle",
         "--train_batch_size", "2", "--max_train_steps", "6", "--learning_rate", "5e-2", "--lr_scheduler", "constant",
         "--resolution", "64", "--seed", "0", "--output_dir", "./output", "--report_to", "none",
-        cwd=work, env=ONE_THREAD, check=True,
+        cwd=work, check=True,
     )
     folder = work / "output" / "bottle"
     assert (folder / "pytorch_lora_weights.safetensors").is_file()
@@ -80,10 +67,10 @@ def workdir(tmp_path, demo_dataset_master, tiny_checkpoint, lora_dir):
 def seed_run(tmp_path_factory, demo_dataset_master, tiny_checkpoint, lora_dir):
     """The README's two Stage 3 commands, as written (plus a small --resolution), in a fresh folder."""
     work = make_workdir(tmp_path_factory.mktemp("seed_run"), demo_dataset_master, tiny_checkpoint, lora_dir)
-    boxes = run_script("random_box.py", "--classname", "bottle", "--dataset", "./dataset", "--outdir", "./output/dataset/mask", "--num", "100", cwd=work, env=ONE_THREAD, check=True)
+    boxes = run_script("random_box.py", "--classname", "bottle", "--dataset", "./dataset", "--outdir", "./output/dataset/mask", "--num", "100", cwd=work, check=True)
     paint = run_script(
         "inpainting.py", "--classname", "bottle", "--dataset", "./dataset", "--output", "./output/dataset/image", "--num", "100",
-        "--num_inference_steps", "20", "--guidance_scale", "3.5", "--extract_mask", "--resolution", "64", cwd=work, env=ONE_THREAD, check=True,
+        "--num_inference_steps", "20", "--guidance_scale", "3.5", "--extract_mask", "--resolution", "64", cwd=work, check=True,
     )
     return work, boxes, paint
 
@@ -325,7 +312,7 @@ def test_processes_split_the_work(workdir):
     in_process(random_box, "--classname", "bottle", "--num", 6, cwd=workdir)
     args = ["--classname", "bottle", "--extract_mask", "--batch_size", 2, *FAST]
     in_process(inpainting, *args, "--output", "one", cwd=workdir)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     # torchrun's own --num* options would swallow an abbreviated "--num": all 6 samples are used.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "inpainting.py"), *map(str, args), "--output", "two"]
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
@@ -348,7 +335,7 @@ def test_killed_run_resumes_without_duplicates(workdir):
     in_process(random_box, "--classname", "bottle", "--num", 8, cwd=workdir)
     out = workdir / "out" / "bottle"
     args = [str(REPO / "inpainting.py"), "--classname", "bottle", "--output", "out", "--batch_size", 1, "--resolution", "64", "--num_inference_steps", 50]
-    env = dict(os.environ, PYTHONPATH=str(REPO), **ONE_THREAD)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     done = []

@@ -21,15 +21,6 @@ SEED_FLAGS = ("--pretrained_model_name_or_path checkpoints/inpainting --train_da
               "--output_dir ./output --prediction_type epsilon --scale_lr --snr_gamma 10").split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared with other jobs: one intra-op thread is several times faster for these tiny models.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def workdir(demo_dataset_master, tiny_checkpoint, tmp_path_factory):
     """A user's working folder after Stage 1: dataset/ (with bbox/), script/bottle/*.jsonl, checkpoints/inpainting."""
@@ -176,7 +167,7 @@ def test_seed_command_end_to_end(workdir):
     """The README's command verbatim (plus a short run at 64 px) from Stage 1's outputs: LoRA weights,
     run config, loss log and a validation grid under ./output/bottle/."""
     proc = run_script("train_diffusion.py", *SEED_FLAGS, "--max_train_steps", "2", "--resolution", "64", "--validation_inference_steps", "2",
-                      cwd=workdir, env={"OMP_NUM_THREADS": "1"}, check=True)
+                      cwd=workdir, check=True)
     out = workdir / "output" / "bottle"
     assert (out / LORA).is_file()
     config = json.loads((out / "run_config.json").read_text())
@@ -263,7 +254,7 @@ def test_two_process_ddp_equals_one_process(workdir, tmp_path):
              "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--learning_rate", "1e-3", "--random_hflip", "--checkpointing_steps", "2",
              "--validation_file=", "--report_to", "none"]
     env = dict(os.environ, NUM_GPUS="2", OUTPUT_DIR=str(tmp_path / "ddp"), PYTHON=sys.executable, ACCELERATE=str(Path(sys.executable).parent / "accelerate"),
-               PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MIXED_PRECISION="no")
+               PYTHONPATH=str(REPO), MIXED_PRECISION="no")
     proc = subprocess.run(["sh", str(REPO / "train_diffusion.sh"), *extra], cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("LoRA weights ->") == 1
