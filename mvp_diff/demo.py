@@ -54,6 +54,7 @@ def run(argv, cwd):
     cmd = [sys.executable, str(REPO / argv[0]), *argv[1:]]
     print(f"\n$ python {shlex.join(argv)}", flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.setdefault("OMP_NUM_THREADS", "1")  # the tiny model gains nothing from more threads
     started = time.time()
     proc = subprocess.run(cmd, cwd=cwd, env=env)
     if proc.returncode != 0:
@@ -67,7 +68,7 @@ def parse_args(argv=None):
     parser.add_argument("--classes", nargs="+", default=list(DEMO_CLASSES), help=f"demo classes (default: {' '.join(DEMO_CLASSES)})")
     parser.add_argument("--stages", default="1,2,3", help="comma-separated stages to run (default: 1,2,3)")
     parser.add_argument("--resolution", type=int, default=128, help="training and generation resolution (default: 128)")
-    parser.add_argument("--max_train_steps", type=int, default=30, help="Stage 2 steps per class (default: 30)")
+    parser.add_argument("--max_train_steps", type=int, default=10, help="Stage 2 steps per class (default: 10)")
     parser.add_argument("--num", type=int, default=8, help="synthetic samples per class (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated dataset and checkpoint (default: 0)")
     return parser.parse_args(argv)
@@ -107,7 +108,9 @@ def main(argv=None):
         print(f"  Stage 2 LoRA and checkpoints {work / 'output'}/CLASS/")
     if 3 in stages:
         print(f"  Stage 3 random boxes         {work / 'output/dataset/mask'}/CLASS/")
-        print(f"  synthetic defect dataset     {work / 'output/dataset/image'}/CLASS/ (test/DEFECT/NNN.png, ground_truth/DEFECT/NNN_mask.png)")
+        for classname in args.classes:
+            print(f"  synthetic {classname} defects{' ' * max(1, 13 - len(classname))}{work / 'output/dataset/image' / classname}"
+                  "  (test/DEFECT/NNN.png, ground_truth/DEFECT/NNN_mask.png, manifest.jsonl)")
 
 
 if __name__ == "__main__":

@@ -64,3 +64,17 @@ def test_demo_stage1(tmp_path):
     assert str(work / "output/dataset/image") not in proc.stdout  # stage 3 did not run
     bad = subprocess.run([sys.executable, "-m", "mvp_diff.demo", "--stages", "4"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "--stages" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_demo_all_stages_small(tmp_path):
+    """Every stage of the demo, on one class at the smallest settings: the README's commands chain."""
+    work = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "mvp_diff.demo", "--workdir", work, "--classes", "grid", "--resolution", "64",
+                           "--max_train_steps", "2", "--num", "2"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (work / "output" / "grid" / "pytorch_lora_weights.safetensors").is_file()
+    generated = work / "output" / "dataset" / "image" / "grid"
+    images = sorted(generated.glob("test/*/*.png"))
+    assert len(images) == 2 and len(sorted(generated.glob("ground_truth/*/*_mask.png"))) == 2
+    assert Image.open(images[0]).mode == "L" and Image.open(images[0]).size == (224, 224)
+    assert str(generated) in proc.stdout
