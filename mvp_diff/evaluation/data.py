@@ -1,0 +1,224 @@
+"""What the evaluation reads: the real split (the same function Stage 1 uses, so it cannot drift) and
+a generated folder in MVTec layout (Stage 3's output, or any other generator's).
+
+Generated folder, per class (GENERATED/CLASS/ or the class folder itself):
+    test/DEFECT/NNN.png                  generated image          (required)
+    ground_truth/DEFECT/NNN_mask.png     its precise mask         (required)
+    bbox/DEFECT/NNN_mask.png             its box mask             (optional: setting (c) needs it)
+    manifest.jsonl                       per-sample fields        (optional: prompts, boxes, good_image)
+"""
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..boxes import box_mask
+from ..dataset import GOOD, ClassData, image_files, load_class, split_anomalies
+from ..errors import UserError
+from ..files import image_size, read_jsonl, read_mask
+
+MANIFEST = "manifest.jsonl"
+
+
+@dataclass
+class Sample:
+    """One image with its pixel mask (None: defect-free, all zero)."""
+
+    image: Path
+    mask: Path = None
+    defect_type: str = GOOD
+    box_mask: Path = None  # generated samples only
+    good_image: Path = None  # the defect-free image it was made from, when known
+    boxes: list = None
+    prompt: str = None
+
+    @property
+    def is_anomaly(self):
+        return self.mask is not None
+
+
+@dataclass
+class RealSplit:
+    """The real data of one class, split the field's way, plus the validation part we carve out."""
+
+    class_data: ClassData
+    generator_train: dict  # defect -> [Sample]: first third, may have trained the generator
+    train_anomalies: dict  # defect -> [Sample]: generator_train minus validation
+    val_anomalies: dict  # defect -> [Sample]
+    test_anomalies: dict  # defect -> [Sample]: the other two thirds, never seen by any generator
+    train_good: list  # [Sample] train/good minus validation
+    val_good: list
+    test_good: list  # test/good
+    notes: list = field(default_factory=list)
+
+    def flat(self, part):
+        return [s for d in sorted(part) for s in part[d]]
+
+    def test_set(self):
+        return self.flat(self.test_anomalies) + self.test_good
+
+    def val_set(self):
+        return self.flat(self.val_anomalies) + self.val_good
+
+    def counts(self):
+        return {
+            d: {
+                "generator_train": len(self.generator_train.get(d, [])),
+                "downstream_train": len(self.train_anomalies.get(d, [])),
+                "validation": len(self.val_anomalies.get(d, [])),
+                "test": len(self.test_anomalies.get(d, [])),
+            }
+            for d in self.class_data.defect_types
+        } | {
+            GOOD: {"downstream_train": len(self.train_good), "validation": len(self.val_good), "test": len(self.test_good)}
+        }
+
+
+def _held_out(items, fraction, rng, keep=1):
+    """(kept, held) with ceil(fraction * n) held out at random, never leaving fewer than `keep`."""
+    n_held = min(max(0, len(items) - keep), math.ceil(len(items) * fraction - 1e-9))
+    order = rng.permutation(len(items))
+    held = sorted(order[:n_held])
+    kept = sorted(order[n_held:])
+    return [items[i] for i in kept], [items[i] for i in held]
+
+
+def real_split(dataset, classname, mask_suffix="_mask", train_fraction=1 / 3, val_fraction=0.25, seed=0) -> RealSplit:
+    """Generator-train third vs. test two thirds by `split_anomalies`; the validation set for model
+    selection is carved from the training side only (part of the generator-train anomalies and of
+    train/good), the same for every setting."""
+    class_data = load_class(dataset, classname, mask_suffix)
+    rng = np.random.default_rng([seed, 7])
+    gen_train, train, val, test, notes = {}, {}, {}, {}, []
+    for defect in class_data.defect_types:
+        first, rest = split_anomalies(class_data.anomalies[defect], train_fraction)
+        first = [Sample(a.image, a.mask, defect) for a in first]
+        gen_train[defect] = first
+        train[defect], val[defect] = _held_out(first, val_fraction, rng)
+        test[defect] = [Sample(a.image, a.mask, defect) for a in rest]
+        if not rest:
+            notes.append(f"{classname}/{defect}: no real anomalies left for the test split ({len(first)} in all); its test row is skipped")
+        if not val[defect]:
+            notes.append(f"{classname}/{defect}: only {len(first)} generator-train anomaly; none held out for validation")
+    for anomaly in class_data.empty_masks:
+        notes.append(f"{anomaly.image}: empty mask; left out as Stage 1 does")
+    goods = [Sample(p) for p in class_data.train_good]
+    train_good, val_good = _held_out(goods, val_fraction, rng)
+    test_good = [Sample(p) for p in class_data.test_good]
+    return RealSplit(class_data, gen_train, train, val, test, train_good, val_good, test_good, notes)
+
+
+def generated_class_dir(generated, classname) -> Path:
+    root = Path(generated)
+    if not root.is_dir():
+        raise UserError(f"--generated {root}: folder not found; pass Stage 3's --output folder (e.g. ./output/dataset/image)")
+    for candidate in (root / classname, root):
+        if (candidate / "test").is_dir():
+            return candidate
+    raise UserError(
+        f"--generated {root}: no {classname}/test/ folder; expected Stage 3's layout "
+        f"{root}/{classname}/test/DEFECT/NNN.png with {root}/{classname}/ground_truth/DEFECT/NNN_mask.png"
+    )
+
+
+def _manifest_index(folder: Path):
+    """{(defect_type, image file name): record} from manifest.jsonl, or {} without one."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return {}
+    index = {}
+    for record in read_jsonl(path):
+        paths = record.get("paths") or record
+        image = paths.get("image")
+        if image:
+            index[(record.get("defect_type") or Path(image).parent.name, Path(image).name)] = record
+    return index
+
+
+def _by_stem(files, suffix):
+    """{image stem: file} of mask files named STEM + suffix."""
+    return {m.stem[: len(m.stem) - len(suffix)]: m for m in files if m.stem.endswith(suffix)}
+
+
+def _resolve(folder, value):
+    if not value:
+        return None
+    path = Path(value)
+    return path if path.is_absolute() else folder / path
+
+
+def load_generated(generated, classname, mask_suffix="_mask"):
+    """{defect: [Sample]} of a generated folder, and notes. Pairing and sizes are checked up front."""
+    folder = generated_class_dir(generated, classname)
+    manifest = _manifest_index(folder)
+    test_dir, gt_dir = folder / "test", folder / "ground_truth"
+    defect_dirs = sorted(p for p in test_dir.iterdir() if p.is_dir() and p.name != GOOD)
+    if not defect_dirs:
+        raise UserError(f"{test_dir}: no defect-type folders with generated images")
+    samples, notes = {}, []
+    n_box_from_manifest = 0
+    for ddir in defect_dirs:
+        images = image_files(ddir)
+        if not images:
+            raise UserError(f"{ddir}: no generated images in this defect-type folder; generate some or remove it")
+        masks = _by_stem(image_files(gt_dir / ddir.name), mask_suffix)
+        boxes = _by_stem(image_files(folder / "bbox" / ddir.name), mask_suffix)
+        found = []
+        for im in images:
+            mask = masks.get(im.stem)
+            if mask is None:
+                raise UserError(f"{im}: no precise mask {gt_dir / ddir.name / (im.stem + mask_suffix)}.png for this generated image")
+            size = image_size(im)
+            for other in (mask, boxes.get(im.stem)):
+                if other is not None and image_size(other) != size:
+                    raise UserError(f"{im} is {size} but {other} is {image_size(other)} (width, height); they must match")
+            record = manifest.get((ddir.name, im.name), {})
+            paths = record.get("paths") or record
+            good = _resolve(folder, paths.get("good_image"))
+            found.append(
+                Sample(
+                    im,
+                    mask,
+                    ddir.name,
+                    box_mask=boxes.get(im.stem),
+                    good_image=good if good is not None and good.is_file() else None,
+                    boxes=record.get("boxes") or record.get("box"),
+                    prompt=record.get("prompt") or record.get("text"),
+                )
+            )
+            if found[-1].box_mask is None and found[-1].boxes:
+                n_box_from_manifest += 1
+        samples[ddir.name] = found
+    if n_box_from_manifest:
+        notes.append(f"{folder}: {n_box_from_manifest} box mask(s) drawn from the boxes in {MANIFEST} (no bbox/DEFECT/*{mask_suffix}.png files)")
+    return folder, samples, notes
+
+
+def read_box_mask(sample: Sample):
+    """bool box mask of a generated sample: its bbox/DEFECT/NNN_mask.png, else drawn from the manifest's boxes."""
+    if sample.box_mask is not None:
+        return read_mask(sample.box_mask)
+    width, height = image_size(sample.image)
+    boxes = sample.boxes
+    if boxes and not isinstance(boxes[0], (list, tuple)):
+        boxes = [boxes]
+    return box_mask(boxes, height, width) > 0
+
+
+def has_box(sample: Sample):
+    return sample.box_mask is not None or bool(sample.boxes)
+
+
+def check_no_leak(split: RealSplit, generated_dir: Path, generated: dict):
+    """A generated folder must not be the dataset itself, nor be made from test images."""
+    if generated_dir.resolve() == split.class_data.root.resolve():
+        raise UserError(f"--generated {generated_dir} is the real dataset's class folder; pass the generated images' folder")
+    test_files = {s.image.resolve() for s in split.test_set()}
+    for samples in generated.values():
+        for s in samples:
+            if s.good_image is not None and s.good_image.resolve() in test_files:
+                raise UserError(f"{s.image} was generated from test image {s.good_image}; the test set must stay unseen: regenerate from train/good")
+            if s.image.resolve() in test_files:
+                raise UserError(f"{s.image} is a real test image; the test set must stay unseen")

@@ -1,0 +1,288 @@
+"""Generation quality: Inception Score (torch-fidelity) and IC-LPIPS (lpips), per defect type.
+
+IC-LPIPS has two incompatible definitions in the field; both are computed and labelled:
+  (a) AnomalyDiffusion: clusters = the real anomalies that trained the generator (first third);
+      each generated image joins its nearest one by LPIPS; per cluster, up to 50 random members,
+      mean LPIPS over their pairs; clusters with fewer than two members are NaN; NaN-mean over
+      clusters. Their script uses the VGG backbone at 256x256.
+  (b) DFMGAN (and SeaS): clusters = all real anomalies of the type; a cluster keeps its first 200
+      members; clusters with fewer than two members count 0; plain mean. Their script uses AlexNet.
+
+Pretrained weights come from the torch hub cache (torch.hub.get_dir()/checkpoints/) and are never
+downloaded here: a missing file is an error that names it. `testing=True` builds the networks with
+random weights instead; it exists for the test suite and its numbers mean nothing.
+"""
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..files import image_size, read_rgb
+
+TESTING_EXTRACTOR = "mvp-diff-random-testing"
+LPIPS_NET_A, LPIPS_NET_B = "vgg", "alex"  # the backbones of the two variants' reference scripts
+
+# torchvision trunks that lpips loads; lpips ships its own linear layers (lpips/weights/v0.1/NET.pth)
+LPIPS_TRUNKS = {
+    "alex": ("alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
+    "vgg": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
+}
+
+
+def hub_checkpoint(filename) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def inception_weights(path=None):
+    """(path of torch-fidelity's Inception weights, its URL); `path` overrides the hub cache."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    return (Path(path) if path else hub_checkpoint(URL_INCEPTION_V3.rsplit("/", 1)[-1])), URL_INCEPTION_V3
+
+
+def missing_weights(need_is=True, lpips_nets=(), inception_path=None):
+    """['FILE (download URL)'] for every pretrained file that is not where the libraries look."""
+    missing = []
+    if need_is:
+        path, url = inception_weights(inception_path)
+        if not path.is_file():
+            missing.append(f"{path} (from {url})")
+    for net in sorted(set(lpips_nets)):
+        name, url = LPIPS_TRUNKS[net]
+        path = hub_checkpoint(name)
+        if not path.is_file():
+            missing.append(f"{path} (from {url})")
+        import lpips
+
+        linear = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
+        if not linear.is_file():
+            missing.append(f"{linear} (ships with the lpips package: pip install --force-reinstall lpips)")
+    return missing
+
+
+def require_weights(need_is=True, lpips_nets=(), inception_path=None):
+    missing = missing_weights(need_is, lpips_nets, inception_path)
+    if missing:
+        raise UserError(
+            "pretrained weights missing (nothing is downloaded): put " + "; ".join(missing)
+            + " (TORCH_HOME moves the cache; --parts segmentation,gallery skips IS and IC-LPIPS)"
+        )
+
+
+# --- Inception Score -----------------------------------------------------------------------------
+
+
+def _testing_extractor_class():
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+    class RandomTestingExtractor(FeatureExtractorBase):
+        """Stand-in for Inception with random (seeded) weights: uint8 images -> 1008 logits. Tests only."""
+
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list)
+            gen = torch.Generator().manual_seed(0)
+            self.conv1 = nn.Conv2d(3, 8, 5, stride=4)
+            self.conv2 = nn.Conv2d(8, 16, 3, stride=2)
+            self.fc = nn.Linear(16, 1008)
+            for p in self.parameters():
+                p.data = torch.randn(p.shape, generator=gen) * 0.5
+
+        def forward(self, x):
+            x = F.interpolate((x.float() - 128) / 128, size=(64, 64), mode="bilinear", align_corners=False)
+            x = F.relu(self.conv2(F.relu(self.conv1(x))))
+            return (self.fc(x.mean(dim=(2, 3))),)
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("logits_unbiased",)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return "logits_unbiased"
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+
+    return RandomTestingExtractor
+
+
+def register_extractor(name, cls):
+    """Register a torch-fidelity feature extractor once (tests add their own)."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(name, cls)
+
+
+def isc_splits_for(n, splits=10):
+    """torch-fidelity's default of 10 splits, fewer for small sets (at least 10 images per split)."""
+    return max(1, min(splits, n // 10))
+
+
+def inception_score(files, device="cpu", batch_size=32, splits=10, weights_path=None, testing=False, extractor=None, num_workers=0):
+    """(IS mean, IS std, splits used) of image files with torch-fidelity's Inception Score."""
+    import torch_fidelity
+    from torch_fidelity.datasets import ImagesPathDataset
+    from torchvision.transforms.functional import pil_to_tensor
+
+    kwargs = {}
+    if extractor is None and testing:
+        register_extractor(TESTING_EXTRACTOR, _testing_extractor_class())
+        extractor = TESTING_EXTRACTOR
+    if extractor is None:
+        extractor = "inception-v3-compat"
+        kwargs["feature_extractor_weights_path"] = str(inception_weights(weights_path)[0])
+    used = isc_splits_for(len(files), splits)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    sizes = [image_size(f) for f in files]
+    transforms = None
+    if len(set(sizes)) > 1:  # batches need one size; Inception resizes to 299 anyway
+        common = max(set(sizes), key=sizes.count)
+        transforms = lambda im: pil_to_tensor(im.resize(common))  # noqa: E731
+    result = torch_fidelity.calculate_metrics(
+        input1=ImagesPathDataset([str(f) for f in files], transforms),
+        isc=True,
+        isc_splits=used,
+        feature_extractor=extractor,
+        cuda=device.type == "cuda",
+        batch_size=batch_size,
+        cache=False,
+        save_cpu_ram=num_workers == 0,
+        verbose=False,
+        **kwargs,
+    )
+    return result["inception_score_mean"], result["inception_score_std"], used
+
+
+# --- IC-LPIPS ------------------------------------------------------------------------------------
+
+
+def load_lpips(net, device="cpu", testing=False):
+    """lpips.LPIPS with its pretrained trunk, or (testing) a seeded random trunk."""
+    import lpips
+
+    if not testing:
+        require_weights(need_is=False, lpips_nets=[net])
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=`
+        warnings.simplefilter("ignore", UserWarning)
+        return lpips.LPIPS(net=net, pnet_rand=testing, verbose=False).to(device).eval()
+
+
+class LpipsMatrix:
+    """Pairwise LPIPS of two image sets, each image through the network once.
+
+    LPIPS(x, y) = sum over layers l and channels c of w_lc * mean over pixels of (f_l(x) - f_l(y))^2,
+    f normalised over channels (lpips' own layers and weights). The square expands into per-image
+    terms and one matrix product per channel, so n x m distances cost n + m forward passes instead of
+    2nm; equal to `model(x, y)` up to float rounding (tested). Features of the second set are kept in
+    chunks of at most `budget_mb`."""
+
+    def __init__(self, model, device="cpu", batch_size=16, budget_mb=2048):
+        self.model, self.device, self.batch_size, self.budget = model, torch.device(device), batch_size, budget_mb * 2**20
+        self.weights = [lin.model[-1].weight.detach().flatten().float() for lin in model.lins]
+
+    @torch.no_grad()
+    def features(self, images):
+        """[(N, C_l, HW_l)] per layer for uint8 images (N, 3, S, S), channel-normalised."""
+        import lpips
+
+        out = None
+        for start in range(0, len(images), self.batch_size):
+            x = images[start : start + self.batch_size].to(self.device).float() / 127.5 - 1
+            feats = self.model.net.forward(self.model.scaling_layer(x))
+            feats = [lpips.normalize_tensor(f.float()).flatten(2) for f in feats]
+            out = feats if out is None else [torch.cat([a, b]) for a, b in zip(out, feats)]
+        return out
+
+    @torch.no_grad()
+    def _block(self, fx, fy):
+        total = 0
+        for w, a, b in zip(self.weights, fx, fy):
+            hw = a.shape[2]
+            sq_a = (a * a).sum(2) / hw  # (n, C)
+            sq_b = (b * b).sum(2) / hw  # (m, C)
+            cross = torch.bmm(a.permute(1, 0, 2), b.permute(1, 2, 0)) / hw  # (C, n, m)
+            per_channel = sq_a.T[:, :, None] + sq_b.T[:, None, :] - 2 * cross
+            total = total + (w[:, None, None] * per_channel.clamp_min(0)).sum(0)
+        return total
+
+    def __call__(self, xs, ys):
+        """(len xs, len ys) numpy matrix of LPIPS distances between uint8 image batches."""
+        if len(xs) == 0 or len(ys) == 0:
+            return np.zeros((len(xs), len(ys)))
+        first = self.features(ys[:1])
+        per_image = sum(f.numel() * 4 for f in first)
+        chunk = max(1, int(self.budget // per_image))
+        out = np.zeros((len(xs), len(ys)))
+        for y0 in range(0, len(ys), chunk):
+            fy = self.features(ys[y0 : y0 + chunk])
+            for x0 in range(0, len(xs), self.batch_size):
+                fx = self.features(xs[x0 : x0 + self.batch_size])
+                out[x0 : x0 + self.batch_size, y0 : y0 + chunk] = self._block(fx, fy).cpu().numpy()
+        return out
+
+
+def load_images(paths, size, desc="images"):
+    """uint8 tensor (N, 3, size, size), resized bilinearly (grey images become 3 equal channels)."""
+    from PIL import Image
+
+    out = []
+    for p in tqdm(paths, desc=desc, leave=False, disable=len(paths) < 50):
+        image = Image.fromarray(read_rgb(p)).resize((size, size), Image.BILINEAR)
+        out.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
+    return torch.stack(out) if out else torch.zeros((0, 3, size, size), dtype=torch.uint8)
+
+
+def nearest(distances, generated, real):
+    """Index of the nearest real image (first on ties) for every generated one."""
+    return distances(generated, real).argmin(axis=1)
+
+
+def _mean_pairwise(distances, images, members):
+    sub = images[torch.as_tensor(members)]
+    d = distances(sub, sub)
+    return float(d[np.triu_indices(len(members), k=1)].mean())
+
+
+def ic_lpips_anomalydiffusion(distances, generated, real_train, rng, cluster_size=50):
+    """Variant (a). `distances(xs, ys)` -> matrix. Returns (score, per-cluster values, cluster sizes)."""
+    if len(real_train) == 0 or len(generated) == 0:
+        return math.nan, [], []
+    assign = nearest(distances, generated, real_train)
+    values, sizes = [], []
+    for k in tqdm(range(len(real_train)), desc="IC-LPIPS (a)", leave=False, disable=len(real_train) < 5):
+        members = np.flatnonzero(assign == k)
+        sizes.append(int(len(members)))
+        members = rng.permutation(members)[:cluster_size].tolist()
+        values.append(_mean_pairwise(distances, generated, members) if len(members) >= 2 else math.nan)
+    finite = [v for v in values if not math.isnan(v)]
+    return (float(np.mean(finite)) if finite else math.nan), values, sizes
+
+
+def ic_lpips_dfmgan(distances, generated, real_all, cap=200):
+    """Variant (b). Returns (score, per-cluster values, cluster sizes before the cap)."""
+    if len(real_all) == 0 or len(generated) == 0:
+        return math.nan, [], []
+    assign = nearest(distances, generated, real_all)
+    values, sizes = [], []
+    for k in tqdm(range(len(real_all)), desc="IC-LPIPS (b)", leave=False, disable=len(real_all) < 5):
+        members = np.flatnonzero(assign == k)
+        sizes.append(int(len(members)))
+        members = members[:cap].tolist()
+        values.append(_mean_pairwise(distances, generated, members) if len(members) >= 2 else 0.0)
+    return float(np.mean(values)), values, sizes

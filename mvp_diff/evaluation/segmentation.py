@@ -1,0 +1,270 @@
+"""Downstream segmentation: what a set of anomaly image-mask pairs is worth to a supervised model.
+
+Model: the discriminative sub-network of DRAEM (Zavrtanik et al., ICCV 2021), a U-Net with six
+encoder stages (base, 2x, 4x, 8x, 8x, 8x channels; five 2x poolings) and skip connections, trained
+with DRAEM's focal loss (gamma 2) and Adam (lr 1e-4, x0.2 at 80% and 90% of the steps). DRAEM feeds it
+the image concatenated with a reconstruction from a second network; we train no reconstruction network,
+so the input is the image alone (3 channels), as the synthesis papers' "U-Net on generated pairs"
+protocol does.
+
+Training: every batch is half defect-free train images (mask all zero) and half anomaly pairs, drawn
+from two seeded streams. One epoch = enough steps to show every train/good image once, so every
+setting gets the same number of steps whatever its number of anomaly pairs. After every
+`val_every` epochs the model is scored on the validation set (carved from the training side, see
+data.real_split) and the best pixel AP is kept. The test set is only read after training, once.
+"""
+
+import copy
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from ..files import read_mask, read_rgb
+from . import metrics as M
+from .data import read_box_mask
+
+
+# --- model ---------------------------------------------------------------------------------------
+
+
+def _double_conv(cin, cout):
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+    )  # fmt: skip
+
+
+def _up(cin, cout):
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+        nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+    )  # fmt: skip
+
+
+class DiscriminativeUNet(nn.Module):
+    """DRAEM's discriminative sub-network: input sides must be multiples of 32; returns logits
+    (N, out_channels, H, W), channel 1 = anomalous."""
+
+    def __init__(self, in_channels=3, out_channels=2, base_channels=64):
+        super().__init__()
+        b = base_channels
+        widths = [b, 2 * b, 4 * b, 8 * b, 8 * b, 8 * b]
+        self.encoder = nn.ModuleList(_double_conv(cin, cout) for cin, cout in zip([in_channels] + widths[:-1], widths))
+        self.pool = nn.MaxPool2d(2)
+        # decoder: up from level i+1 to level i's width, then fuse with level i's skip
+        self.ups = nn.ModuleList(_up(widths[i + 1], widths[i]) for i in reversed(range(5)))
+        self.fuse = nn.ModuleList(_double_conv(2 * widths[i], widths[i]) for i in reversed(range(5)))
+        self.head = nn.Conv2d(b, out_channels, 3, padding=1)
+
+    def forward(self, x):
+        skips = []
+        for i, block in enumerate(self.encoder):
+            x = block(x if i == 0 else self.pool(x))
+            skips.append(x)
+        x = skips.pop()
+        for up, fuse in zip(self.ups, self.fuse):
+            x = fuse(torch.cat([up(x), skips.pop()], dim=1))
+        return self.head(x)
+
+
+def focal_loss(logits, target, gamma=2.0, smooth=1e-5):
+    """DRAEM's focal loss on the softmax of `logits` (N, 2, H, W) against a 0/1 `target` (N, 1, H, W);
+    the one-hot target is clamped to [smooth, 1 - smooth] as there."""
+    prob = logits.float().softmax(dim=1)
+    one_hot = torch.cat([1 - target, target], dim=1).clamp(smooth, 1 - smooth)
+    pt = (one_hot * prob).sum(dim=1) + smooth
+    return (-((1 - pt) ** gamma) * pt.log()).mean()
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def load_pair(sample, size, use_box=False):
+    """(uint8 HxWx3 image, bool HxW mask) resized to size x size. Masks are resized by area and a
+    pixel counts as defect when at least half of it is covered (so pixel metrics are measured at
+    `size`, the model's resolution, as the field does at 256)."""
+    image = read_rgb(sample.image)
+    down = image.shape[0] > size or image.shape[1] > size
+    image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if down else cv2.INTER_LINEAR)
+    if sample.mask is None:
+        return image, np.zeros((size, size), bool)
+    mask = read_box_mask(sample) if use_box else read_mask(sample.mask)
+    mask = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA if down else cv2.INTER_LINEAR)
+    return image, mask >= 0.5
+
+
+class PairDataset(Dataset):
+    """Samples (with an optional box flag) preloaded at `size`; items are (image float 3xSxS in [0, 1],
+    mask float 1xSxS, image label)."""
+
+    def __init__(self, items, size, num_workers=0, desc="loading"):
+        self.items = [(item, False) if not isinstance(item, tuple) else item for item in items]
+        self.size = size
+        threads = max(1, num_workers)
+        with ThreadPoolExecutor(threads) as pool:
+            jobs = pool.map(lambda pair: load_pair(pair[0], size, pair[1]), self.items)
+            loaded = list(tqdm(jobs, total=len(self.items), desc=desc, leave=False, disable=len(self.items) < 50))
+        self.images = np.stack([im for im, _ in loaded]) if loaded else np.zeros((0, size, size, 3), np.uint8)
+        self.masks = np.stack([m for _, m in loaded]) if loaded else np.zeros((0, size, size), bool)
+        self.labels = np.array([s.is_anomaly for s, _ in self.items], bool)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        image = torch.from_numpy(self.images[i]).permute(2, 0, 1).float() / 255.0
+        mask = torch.from_numpy(self.masks[i]).float()[None]
+        return image, mask, int(self.labels[i])
+
+
+class HalfHalfBatchSampler(Sampler):
+    """`steps` batches of `half` indices from [0, n_good) and `half` from [n_good, n_good + n_anomaly),
+    each stream a sequence of seeded permutations (the good stream is the same in every setting)."""
+
+    def __init__(self, n_good, n_anomaly, half, steps, seed):
+        self.n_good, self.n_anomaly, self.half, self.steps, self.seed = n_good, n_anomaly, half, steps, seed
+
+    @staticmethod
+    def _stream(n, rng):
+        while True:
+            yield from rng.permutation(n).tolist()
+
+    def __iter__(self):
+        good = self._stream(self.n_good, np.random.default_rng([self.seed, 0]))
+        anomaly = self._stream(self.n_anomaly, np.random.default_rng([self.seed, 1]))
+        for _ in range(self.steps):
+            yield [next(good) for _ in range(self.half)] + [self.n_good + next(anomaly) for _ in range(self.half)]
+
+    def __len__(self):
+        return self.steps
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    image_size: int = 256
+    epochs: int = 100
+    batch_size: int = 8
+    base_channels: int = 64
+    lr: float = 1e-4
+    val_every: int = 1
+    num_workers: int = 0
+    mixed_precision: str = "bf16"  # on CUDA only
+    device: str = "cpu"
+    seed: int = 0
+
+    def steps_per_epoch(self, n_good):
+        return max(1, math.ceil(n_good / (self.batch_size // 2)))
+
+
+def _autocast(cfg):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    enabled = torch.device(cfg.device).type == "cuda" and dtype is not None
+    return torch.autocast("cuda", dtype=dtype or torch.float16, enabled=enabled)
+
+
+@torch.no_grad()
+def predict(model, dataset, cfg, desc="predict"):
+    """Anomaly maps (N, S, S) float32 in [0, 1] of a PairDataset."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
+    maps = []
+    for images, _, _ in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 5):
+        with _autocast(cfg):
+            logits = model(images.to(cfg.device))
+        maps.append(logits.float().softmax(dim=1)[:, 1].cpu().numpy())
+    return np.concatenate(maps) if maps else np.zeros((0, cfg.image_size, cfg.image_size), np.float32)
+
+
+def train_model(good_set, anomaly_set, val_set, cfg: TrainConfig, desc="train"):
+    """Train on half good / half anomaly batches; keep the epoch with the best validation pixel AP.
+
+    Takes the training and validation data only: the test set cannot take part in model selection.
+    Returns (model with the selected weights, selection info)."""
+    if cfg.image_size % 32:
+        raise ValueError(f"image size {cfg.image_size} is not a multiple of 32")
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)  # same initial weights in every setting
+    model = DiscriminativeUNet(3, 2, cfg.base_channels).to(device)
+    half = max(1, cfg.batch_size // 2)
+    steps_per_epoch = cfg.steps_per_epoch(len(good_set))
+    total = steps_per_epoch * cfg.epochs
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [int(0.8 * total), int(0.9 * total)], gamma=0.2)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.mixed_precision == "fp16")
+
+    train_set = torch.utils.data.ConcatDataset([good_set, anomaly_set])
+    sampler = HalfHalfBatchSampler(len(good_set), len(anomaly_set), half, total, cfg.seed)
+    loader = DataLoader(
+        train_set, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+    )  # fmt: skip
+    can_select = val_set is not None and len(val_set) > 0 and val_set.labels.any() and val_set.masks.any()
+    best = {"epoch": cfg.epochs, "val_pixel_ap": math.nan, "val_threshold": None}
+    best_state, history = None, []
+    model.train()
+    bar = tqdm(loader, total=total, desc=desc, leave=False)
+    for step, (images, masks, _) in enumerate(bar, 1):
+        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        with _autocast(cfg):
+            logits = model(images)
+        loss = focal_loss(logits, masks)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        epoch, end_of_epoch = divmod(step, steps_per_epoch)
+        if end_of_epoch == 0 and can_select and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
+            maps = predict(model, val_set, cfg, desc="validate")
+            ap = M.average_precision(maps, val_set.masks)
+            _, threshold, _ = M.f1_max(maps, val_set.masks)
+            history.append({"epoch": epoch, "val_pixel_ap": ap})
+            if best_state is None or ap > best["val_pixel_ap"]:
+                best = {"epoch": epoch, "val_pixel_ap": ap, "val_threshold": threshold}
+                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            model.train()
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    best.update(steps=total, steps_per_epoch=steps_per_epoch, history=history, selected_on="validation pixel AP" if can_select else "last epoch (no validation anomalies)")
+    return model, best
+
+
+def evaluate_model(model, test_set, cfg, val_threshold=None, desc="test"):
+    """Metrics on the test set, overall and per defect type (that type's anomalies with all good images)."""
+    maps = predict(model, test_set, cfg, desc=desc)
+    overall = M.segmentation_metrics(maps, test_set.masks, test_set.labels, val_threshold)
+    defects = np.array([s.defect_type for s, _ in test_set.items])
+    per_defect = {}
+    good = ~test_set.labels
+    for defect in sorted(set(defects[test_set.labels])):
+        keep = (defects == defect) | good
+        f1, _, iou = M.f1_max(maps[keep], test_set.masks[keep])
+        per_defect[defect] = {
+            "n": int((defects == defect).sum()),
+            "pixel_auroc": M.auroc(maps[keep], test_set.masks[keep]),
+            "pixel_ap": M.average_precision(maps[keep], test_set.masks[keep]),
+            "pixel_f1_max": f1,
+            "iou": iou,
+        }
+    return overall, per_defect
+
+
+def run_setting(good_set, anomaly_set, val_set, test_set, cfg, desc="train"):
+    """Train, select on validation, then test once. Returns a result dict."""
+    start = time.time()
+    model, selection = train_model(good_set, anomaly_set, val_set, cfg, desc=desc)
+    overall, per_defect = evaluate_model(model, test_set, cfg, selection["val_threshold"], desc=f"{desc}: test")
+    return {"metrics": overall, "per_defect": per_defect, "selection": selection, "seconds": round(time.time() - start, 1)}
