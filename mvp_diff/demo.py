@@ -1,7 +1,7 @@
 """The whole pipeline on the embedded default: a generated MVTec-layout dataset and a tiny random
 SD-inpainting checkpoint, no downloads, minutes on a CPU.
 
-    python -m mvp_diff.demo                 # everything, into ./demo
+    python -m mvp_diff.demo                 # everything (stages 1-3 and the evaluation), into ./demo
     python -m mvp_diff.demo --stages 1      # dataset, checkpoint and Stage 1 only
 
 Inside the work folder it lays out what the README expects (dataset/, checkpoints/inpainting/,
@@ -47,6 +47,12 @@ def stage_commands(classname, args):
              "--num_inference_steps", "20", "--guidance_scale", "3.5", "--extract_mask",
              "--resolution", str(args.resolution)],
         ],
+        4: [
+            # Downstream segmentation and the gallery; IS and IC-LPIPS need pretrained weights (README).
+            ["evaluate.py", "--classname", c, "--dataset", "./dataset", "--generated", "./output/dataset/image",
+             "--out", f"./output/evaluation/{c}", "--parts", "segmentation,gallery",
+             "--image_size", "64", "--base_channels", "8", "--epochs", str(args.eval_epochs), "--learning_rate", "1e-3"],
+        ],
     }
 
 
@@ -66,10 +72,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Run MvP-Diff end to end on a generated dataset and a tiny checkpoint.")
     parser.add_argument("--workdir", default="./demo", help="where dataset/, checkpoints/, script/, output/ go (default: ./demo)")
     parser.add_argument("--classes", nargs="+", default=list(DEMO_CLASSES), help=f"demo classes (default: {' '.join(DEMO_CLASSES)})")
-    parser.add_argument("--stages", default="1,2,3", help="comma-separated stages to run (default: 1,2,3)")
+    parser.add_argument("--stages", default="1,2,3,4", help="comma-separated stages to run; 4 = evaluation (default: 1,2,3,4)")
     parser.add_argument("--resolution", type=int, default=128, help="training and generation resolution (default: 128)")
     parser.add_argument("--max_train_steps", type=int, default=10, help="Stage 2 steps per class (default: 10)")
     parser.add_argument("--num", type=int, default=8, help="synthetic samples per class (default: 8)")
+    parser.add_argument("--eval_epochs", type=int, default=20, help="epochs of the downstream segmentation models (default: 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated dataset and checkpoint (default: 0)")
     return parser.parse_args(argv)
 
@@ -84,8 +91,8 @@ def main(argv=None):
         stages = sorted({int(s) for s in args.stages.split(",") if s.strip()})
     except ValueError:
         stages = [0]
-    if not stages or not set(stages) <= {1, 2, 3}:
-        raise UsageError(f"--stages must list stages among 1,2,3, got {args.stages!r}")
+    if not stages or not set(stages) <= {1, 2, 3, 4}:
+        raise UsageError(f"--stages must list stages among 1,2,3,4, got {args.stages!r}")
     work = Path(args.workdir).resolve()
     started = time.time()
     print(f"demo dataset -> {work / 'dataset'}", flush=True)
@@ -109,8 +116,12 @@ def main(argv=None):
     if 3 in stages:
         print(f"  Stage 3 random boxes         {work / 'output/dataset/mask'}/CLASS/")
         for classname in args.classes:
-            print(f"  synthetic {classname} defects{' ' * max(1, 13 - len(classname))}{work / 'output/dataset/image' / classname}"
+            print(f"  {'synthetic ' + classname + ' defects':<29}{work / 'output/dataset/image' / classname}"
                   "  (test/DEFECT/NNN.png, ground_truth/DEFECT/NNN_mask.png, manifest.jsonl)")
+    if 4 in stages:
+        for classname in args.classes:
+            report = work / "output" / "evaluation" / classname
+            print(f"  {'evaluation of ' + classname:<29}{report / 'report.md'}, {report / 'gallery.html'}")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def test_demo_all_stages_small(tmp_path):
     """Every stage of the demo, on one class at the smallest settings: the README's commands chain."""
     work = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "mvp_diff.demo", "--workdir", work, "--classes", "grid", "--resolution", "64",
-                           "--max_train_steps", "2", "--num", "2"], cwd=REPO, capture_output=True, text=True, timeout=900)
+                           "--max_train_steps", "2", "--num", "2", "--stages", "1,2,3"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (work / "output" / "grid" / "pytorch_lora_weights.safetensors").is_file()
     generated = work / "output" / "dataset" / "image" / "grid"
