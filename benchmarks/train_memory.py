@@ -28,7 +28,7 @@ def child(args):
     import torch
 
     from benchmarks.train_step import SD15_TEXT, SD15_UNET, SD15_VAE
-    from mvp_diff.training import add_lora, diffusion_loss
+    from mvp_diff.training import diffusion_loss, prepare_lora_unet
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -48,14 +48,8 @@ def child(args):
     encoders = []
     if args.with_encoders:
         encoders = [AutoencoderKL(**SD15_VAE).to(device, dtype), CLIPTextModel(CLIPTextConfig(vocab_size=49408, **SD15_TEXT)).to(device, dtype)]
-    add_lora(unet, args.rank)
-    for p in unet.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    params = prepare_lora_unet(unet, args.rank, args.gradient_checkpointing)
     unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     scheduler = DDPMScheduler.from_config(SD15_SCHEDULER)
     build_s = time.perf_counter() - started

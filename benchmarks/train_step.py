@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mvp_diff.latent_cache import ExampleImages, build_latent_cache  # noqa: E402
-from mvp_diff.training import SampleStream, add_lora, diffusion_loss  # noqa: E402
+from mvp_diff.training import SampleStream, diffusion_loss, prepare_lora_unet  # noqa: E402
 
 WORK = REPO / "benchmarks" / "_work" / "training"
 
@@ -99,14 +99,8 @@ def bench(name, args):
     unet.requires_grad_(False), vae.requires_grad_(False), text_encoder.requires_grad_(False)
     for model in (unet, vae, text_encoder):
         model.to(device) if dtype == torch.float32 else model.to(device, dtype)
-    add_lora(unet, 4)
-    for p in unet.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    params = prepare_lora_unet(unet, 4, args.gradient_checkpointing)
     unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     autocast = torch.autocast(device.type, dtype) if args.mixed_precision != "no" else torch.autocast(device.type, enabled=False)
 

@@ -92,7 +92,7 @@ def check_args(args):
         raise UsageError("--mixed_precision fp16 needs a CUDA GPU; use --mixed_precision bf16 or no on this machine")
     if args.use_8bit_adam:
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # noqa: F401  (availability check)
         except ImportError:
             raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)")
 
@@ -282,6 +282,18 @@ def add_lora(unet, rank):
 
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
     return unet
+
+
+def prepare_lora_unet(unet, rank, gradient_checkpointing=False):
+    """Add the LoRA with float32 weights (the frozen rest may be half precision: fp16/bf16 updates of
+    small LoRA weights lose precision), optionally gradient checkpointing; returns the trainable params."""
+    from diffusers.training_utils import cast_training_params
+
+    add_lora(unet, rank)
+    cast_training_params(unet, dtype=torch.float32)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return [p for p in unet.parameters() if p.requires_grad]
 
 
 def lora_layers(unet):
@@ -533,11 +545,7 @@ def train(args):
     device = accelerator.device
     for model in (unet, vae, text_encoder):
         model.to(device) if weight_dtype == torch.float32 else model.to(device, dtype=weight_dtype)
-    add_lora(unet, args.rank)
-    if args.mixed_precision == "fp16":
-        cast_training_params(unet, dtype=torch.float32)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    prepare_lora_unet(unet, args.rank, args.gradient_checkpointing)
 
     variants = flip_variants(args.random_hflip, args.random_vflip)
     say(f"encoding {len(inputs.train)} training records x {len(variants)} flip variant(s) once with the frozen VAE and text encoder")
@@ -585,8 +593,7 @@ def train(args):
             model = unwrap(models_.pop())
             if hasattr(model, "peft_config"):
                 load_lora_into(model, input_dir)
-                if args.mixed_precision == "fp16":
-                    cast_training_params(model, dtype=torch.float32)
+                cast_training_params(model, dtype=torch.float32)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)

@@ -81,13 +81,8 @@ COLOURS = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (250, 250, 10)]
 
 
 def _colour_extractor(uniform):
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-
-    class ColourClasses(FeatureExtractorBase):
+    class ColourClasses(Q.logits_extractor_base()):
         """Logits 100 x one-hot of the image's colour (or all zero: uniform predictions)."""
-
-        def __init__(self, name, features_list, **kwargs):
-            super().__init__(name, features_list)
 
         def forward(self, x):
             mean = x.float().mean(dim=(2, 3))  # N x 3
@@ -97,22 +92,6 @@ def _colour_extractor(uniform):
             if not uniform:
                 logits[torch.arange(len(x)), cls] = 100.0
             return (logits,)
-
-        @staticmethod
-        def get_provided_features_list():
-            return ("logits_unbiased",)
-
-        @staticmethod
-        def get_default_feature_layer_for_metric(metric):
-            return "logits_unbiased"
-
-        @staticmethod
-        def can_be_compiled():
-            return False
-
-        @staticmethod
-        def get_dummy_input_for_compile():
-            return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
 
     return ColourClasses
 

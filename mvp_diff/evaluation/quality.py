@@ -79,25 +79,14 @@ def require_weights(need_is=True, lpips_nets=(), inception_path=None):
 # --- Inception Score -----------------------------------------------------------------------------
 
 
-def _testing_extractor_class():
+def logits_extractor_base():
+    """A torch-fidelity feature extractor base that provides only `logits_unbiased` (what IS reads);
+    subclasses define forward(uint8 images) -> (N x 1008 logits,)."""
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-    class RandomTestingExtractor(FeatureExtractorBase):
-        """Stand-in for Inception with random (seeded) weights: uint8 images -> 1008 logits. Tests only."""
-
+    class LogitsExtractor(FeatureExtractorBase):
         def __init__(self, name, features_list, **kwargs):
             super().__init__(name, features_list)
-            gen = torch.Generator().manual_seed(0)
-            self.conv1 = nn.Conv2d(3, 8, 5, stride=4)
-            self.conv2 = nn.Conv2d(8, 16, 3, stride=2)
-            self.fc = nn.Linear(16, 1008)
-            for p in self.parameters():
-                p.data = torch.randn(p.shape, generator=gen) * 0.5
-
-        def forward(self, x):
-            x = F.interpolate((x.float() - 128) / 128, size=(64, 64), mode="bilinear", align_corners=False)
-            x = F.relu(self.conv2(F.relu(self.conv1(x))))
-            return (self.fc(x.mean(dim=(2, 3))),)
 
         @staticmethod
         def get_provided_features_list():
@@ -114,6 +103,27 @@ def _testing_extractor_class():
         @staticmethod
         def get_dummy_input_for_compile():
             return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+
+    return LogitsExtractor
+
+
+def _testing_extractor_class():
+    class RandomTestingExtractor(logits_extractor_base()):
+        """Stand-in for Inception with random (seeded) weights: uint8 images -> 1008 logits. Tests only."""
+
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list)
+            gen = torch.Generator().manual_seed(0)
+            self.conv1 = nn.Conv2d(3, 8, 5, stride=4)
+            self.conv2 = nn.Conv2d(8, 16, 3, stride=2)
+            self.fc = nn.Linear(16, 1008)
+            for p in self.parameters():
+                p.data = torch.randn(p.shape, generator=gen) * 0.5
+
+        def forward(self, x):
+            x = F.interpolate((x.float() - 128) / 128, size=(64, 64), mode="bilinear", align_corners=False)
+            x = F.relu(self.conv2(F.relu(self.conv1(x))))
+            return (self.fc(x.mean(dim=(2, 3))),)
 
     return RandomTestingExtractor
 
