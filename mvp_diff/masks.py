@@ -4,7 +4,8 @@ defect-free image it was painted on.
 Two methods:
 - "default": colour difference in CIELAB (sees brightness, colour and grey-level changes),
   tolerant to the blur, noise and smooth colour drift a VAE round trip leaves, plus a
-  loss-of-local-contrast term for texture changes and blur; hysteresis threshold on absolute
+  loss-of-local-contrast term and a loss-of-fine-structure (band-pass) term for texture changes
+  and blur; hysteresis threshold on absolute
   levels (an unchanged box gives an empty mask), borders where the score falls off, speck
   removal, small-hole filling. numpy/OpenCV only, a few milliseconds per 512 px image.
 - "official": the paper's algorithm (1 - cosine similarity of RGB vectors, min-max
@@ -181,6 +182,9 @@ def _default(
     blur_tolerance=(0.8, 1.2, 1.6),
     contrast_weight=16.0,
     contrast_tolerance=0.3,
+    structure_weight=6.0,
+    structure_sigma=1.0,
+    structure_tolerance=0.1,
     max_bias=6.0,
     edge=0.55,
     edge_width=3,
@@ -195,7 +199,10 @@ def _default(
       the ring just inside the box border, and the smallest over a blurred copy of either image
       (a VAE round trip blurs a little);
     - `contrast_weight` x the loss of local contrast beyond `contrast_tolerance` (log ratio of local
-      standard deviations of L): texture smoothed out or replaced at the same mean colour.
+      standard deviations of L): texture smoothed out or replaced at the same mean colour;
+    - `structure_weight` x the loss of band-pass (sigma `structure_sigma`, 2 x that) energy of L
+      against the normal image blurred as the ring says the round trip blurred, beyond
+      `structure_tolerance` of it (see _structure_change); 0 turns it off.
 
     low/high: hysteresis thresholds; a region must reach `high` and grows down to `low`. Both are
     raised to noise_factor x the typical score on the box's ring when that is noisier (noise
@@ -227,7 +234,17 @@ def _default(
     ring = _ring(inside, max(2, round(3 * scale)))
     crop = (slice(y0, y1), slice(x0, x1))
     score = _change_score(
-        anomaly[crop], normal[crop], inside, ring, scale, smooth, blur_tolerance, contrast_weight, contrast_tolerance, max_bias
+        anomaly[crop],
+        normal[crop],
+        inside,
+        ring,
+        scale,
+        smooth,
+        blur_tolerance,
+        contrast_weight,
+        contrast_tolerance,
+        (structure_weight, structure_sigma, structure_tolerance),
+        max_bias,
     )
 
     noise = min(float(np.median(score[ring])) if ring.any() else 0.0, 1.5)
@@ -263,7 +280,7 @@ def _default(
 
 
 def _change_score(
-    anomaly, normal, inside, ring, scale, smooth, blur_tolerance, contrast_weight, contrast_tolerance, max_bias
+    anomaly, normal, inside, ring, scale, smooth, blur_tolerance, contrast_weight, contrast_tolerance, structure, max_bias
 ):
     """Per-pixel change score (deltaE units), 0 outside the box."""
     a = _blur(_lab(anomaly), smooth * scale)
@@ -282,7 +299,7 @@ def _change_score(
             diff = np.minimum(diff, _delta(_blur(a, sigma * scale), n))
         level = float(np.median(diff[ring])) if ring.any() else 0.0
         if best is None or level < 0.9 * best[0]:
-            best = (level, diff)
+            best = (level, diff, sigma)
     diff = best[1]
 
     # Loss of local contrast: texture smoothed out or replaced at the same mean colour. Only the
@@ -291,10 +308,32 @@ def _change_score(
     eps = 2.0  # L units: below this, contrast is flat whatever the ratio
     loss = np.log((_local_std(ln, 2 * scale) + eps) / (_local_std(la, 2 * scale) + eps))
     texture = contrast_weight * np.maximum(loss - contrast_tolerance, 0.0)
+    score = np.maximum(diff, texture)
 
-    score = _blur(np.maximum(diff, texture), smooth * scale)
+    weight, sigma, tolerance = structure
+    if weight > 0:
+        # Against the normal image blurred as much as the ring says the round trip blurred.
+        ref = _blur(ln, best[2] * scale)
+        score = np.maximum(score, weight * _structure_change(la, ref, sigma * scale, tolerance))
+
+    score = _blur(score, smooth * scale)
     score[~inside] = 0.0
     return score
+
+
+def _structure_change(la, ln, sigma, tolerance):
+    """Local loss of fine structure (L units): texture blurred away or flattened.
+
+    Band-pass (difference of Gaussians, `sigma` and 2 x `sigma`) responses of both L channels, where
+    smooth drift vanishes and noise is small. Score: (1 - `tolerance`) x the local RMS of the normal
+    image's response (the rest a mild blur or gain can explain) minus that of the anomaly's.
+    """
+    bpa = _blur(la, sigma) - _blur(la, 2 * sigma)
+    bpn = _blur(ln, sigma) - _blur(ln, 2 * sigma)
+    window = 2 * sigma
+    own = np.sqrt(_blur(bpn * bpn, window))
+    # Only a loss counts: a brightness step adds band-pass energy just outside its edge.
+    return np.maximum((1.0 - tolerance) * own - np.sqrt(_blur(bpa * bpa, window)), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------

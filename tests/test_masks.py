@@ -238,3 +238,22 @@ def test_benchmark_script_runs():
     assert "with the painted shape" in proc.stdout and "with the changed pixels" in proc.stdout
     assert proc.stdout.count("| all ") == 2 and "ms per image" in proc.stdout
     assert "official*" in proc.stdout and "official* ran on the first 1 pairs only" in proc.stdout
+
+
+def test_structure_term_sees_lost_texture_not_mild_blur_or_brightness_edges():
+    """The band-pass structure term: texture blurred away scores, a blur the round trip can explain
+    does not, and a brightness step (no texture lost) scores nothing away from its edge."""
+    from mvp_diff.masks import _structure_change
+
+    normal = texture(30, colour=False).astype(np.float32)
+    truth = disc(r=25)
+    blurred = paint(normal.astype(np.uint8), truth, "blurred").astype(np.float32)
+    score = _structure_change(blurred, normal, 1.0, 0.1)
+    inner = cv2.erode(truth.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+    outer = cv2.dilate(truth.astype(np.uint8), np.ones((15, 15), np.uint8)) == 0
+    assert np.median(score[inner]) > 1.0 and score[outer].max() < 0.05, (np.median(score[inner]), score[outer].max())
+    # A 0.7 px blur measured against the reference blurred by 0.8 px: nothing lost.
+    assert _structure_change(cv2.GaussianBlur(normal, (0, 0), 0.7), cv2.GaussianBlur(normal, (0, 0), 0.8), 1.0, 0.1).max() == 0
+    step = normal + 60.0 * truth
+    deep = cv2.erode(truth.astype(np.uint8), np.ones((15, 15), np.uint8)) > 0
+    assert _structure_change(step, normal, 1.0, 0.1)[outer | deep].max() < 0.05
