@@ -62,7 +62,7 @@ def test_demo_stage1(tmp_path):
     assert Image.open(work / "dataset" / "grid" / "train" / "good" / "000.png").mode == "L"
     check_checkpoint(work / "checkpoints" / "inpainting")
     assert str(work / "output/dataset/image") not in proc.stdout  # stage 3 did not run
-    bad = subprocess.run([sys.executable, "-m", "mvp_diff.demo", "--stages", "4"], cwd=REPO, capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "mvp_diff.demo", "--stages", "5"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "--stages" in bad.stderr and "Traceback" not in bad.stderr
 
 
