@@ -166,4 +166,16 @@ def build_tiny_inpainting_checkpoint(path, seed=0, safe_serialization=True, vari
         requires_safety_checker=True,
     )
     pipe.save_pretrained(path, safe_serialization=safe_serialization, variant=variant)
+    _write_release_tokenizer(Path(path) / "tokenizer")
     return Path(path)
+
+
+def _write_release_tokenizer(folder: Path):
+    """Replace the saved tokenizer with the files the SD-1.5 release ships (vocab.json, merges.txt and
+    two configs, no tokenizer.json), so loading is exercised on the layout users download."""
+    for f in folder.iterdir():
+        f.unlink()
+    _tiny_vocab_files(folder, tiny_words())
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps({**special, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}, indent=2))

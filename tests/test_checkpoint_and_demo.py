@@ -18,6 +18,7 @@ from mvp_diff.errors import UserError
 def test_tiny_checkpoint_has_real_layout_and_runs(tiny_checkpoint):
     from diffusers import StableDiffusionInpaintPipeline
 
+    assert sorted(p.name for p in (tiny_checkpoint / "tokenizer").iterdir()) == ["merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor"):
         assert (tiny_checkpoint / sub).is_dir(), sub
     index = json.loads((tiny_checkpoint / "model_index.json").read_text())
