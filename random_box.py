@@ -39,6 +39,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.num < 1:
         raise UsageError(f"--num must be >= 1, got {args.num}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.jitter < 0:
         raise UsageError(f"--jitter must be >= 0, got {args.jitter}")
     if not 0 <= args.min_coverage <= 1:

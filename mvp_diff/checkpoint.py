@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import UserError
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # Stage 2 writes it, Stage 3 loads it
 
 # The scheduler config of the SD-1.5 inpainting release.
 SD15_SCHEDULER = dict(

@@ -14,6 +14,7 @@ Sample NNN uses the seed `--seeds + NNN` through its own generator, so its image
 the batch size, the number of processes, or which other samples run.
 """
 
+import hashlib
 import json
 import re
 import shutil
@@ -25,22 +26,23 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .checkpoint import check_checkpoint
+from .checkpoint import LORA_WEIGHT_NAME, check_checkpoint
 from .errors import UsageError, UserError
+from .random_boxes import boxes_path
 from .files import atomic_write_json, atomic_write_jsonl, image_size, open_image, read_jsonl, read_mask, save_image
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SAMPLES_DIR = ".samples"
 SETTINGS = "settings.json"
 MANIFEST_EVERY = 30.0  # seconds between manifest rewrites during a run
 # Settings that change what a sample looks like; a folder never mixes two of them.
-SETTING_KEYS = ("checkpoint", "lora", "lora_scale", "num_inference_steps", "guidance_scale", "strength", "resolution", "seeds", "extract_mask", "mask_method")
+SETTING_KEYS = ("checkpoint", "lora", "lora_sha256", "lora_scale", "num_inference_steps", "guidance_scale", "strength", "resolution", "seeds", "extract_mask", "mask_method")
 
 
 @dataclass
 class Settings:
     checkpoint: str
     lora: str  # folder holding pytorch_lora_weights.safetensors, or None for the base model
+    lora_sha256: str = None  # content of the LoRA file: a retrained LoRA is a new setting
     num_inference_steps: int = 20
     guidance_scale: float = 3.5
     strength: float = 1.0
@@ -82,12 +84,8 @@ class Sample:
 # --- inputs ----------------------------------------------------------------------------------------
 
 
-def boxes_file(mask_dir, classname) -> Path:
-    return Path(mask_dir) / classname / "boxes.jsonl"
-
-
 def load_box_records(mask_dir, classname, dataset):
-    path = boxes_file(mask_dir, classname)
+    path = boxes_path(mask_dir, classname)
     if not path.is_file():
         raise UserError(
             f"no boxes for class {classname}: {path} not found; run first: "
@@ -191,14 +189,27 @@ def pick_variant(checkpoint: Path, dtype):
     return "fp16" if has_fp16 and (dtype == torch.float16 or not has_plain) else None
 
 
+def lora_file(lora) -> Path:
+    lora = Path(lora)
+    return lora if lora.is_file() else lora / LORA_WEIGHT_NAME
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def check_lora(lora_dir, classname):
     """The folder holding the LoRA weights; a missing one names the Stage 2 command."""
     path = Path(lora_dir)
     if path.is_file():
         return path
-    if not (path / LORA_WEIGHTS).is_file():
+    if not (path / LORA_WEIGHT_NAME).is_file():
         raise UserError(
-            f"--lora_dir {path}: no {LORA_WEIGHTS}; train it first (python train_diffusion.py --pretrained_model_name_or_path "
+            f"--lora_dir {path}: no {LORA_WEIGHT_NAME}; train it first (python train_diffusion.py --pretrained_model_name_or_path "
             f"checkpoints/inpainting --train_data_dir ./dataset/{classname} --output_dir {path.parent} ...) or pass --no_lora for the base model"
         )
     return path
@@ -231,7 +242,7 @@ def load_pipeline(checkpoint, device="cpu", dtype=None, lora=None, lora_scale=1.
         diffusers_logging.set_verbosity_error()
     if lora is not None:
         lora = Path(lora)
-        folder, weight_name = (lora.parent, lora.name) if lora.is_file() else (lora, LORA_WEIGHTS)
+        folder, weight_name = lora_file(lora).parent, lora_file(lora).name
         try:
             pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name="mvp_diff")
         except (OSError, ValueError, RuntimeError, KeyError) as err:
@@ -370,6 +381,31 @@ def write_sample(out_dir: Path, sample: Sample, image, mask, box, settings: Sett
     return entry
 
 
+def remove_stale_samples(out_dir: Path, records, seeds):
+    """Delete finished samples that the current boxes.jsonl no longer describes (random_box.py was
+    rerun with other settings), files and entry, so the folder never mixes two sets of boxes."""
+    current = {int(r["index"]): r for r in records}
+    removed = 0
+    for path in sorted((out_dir / SAMPLES_DIR).glob("*.json")):
+        if not re.fullmatch(r"\d+\.json", path.name):
+            continue
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            entry = {}
+        record = current.get(entry.get("index"))
+        if record is not None and (entry.get("defect_type"), entry.get("prompt"), entry.get("boxes"), entry.get("seed")) == (
+            record["defect_type"], record["text"], record["boxes"], seeds + int(record["index"])
+        ) and Path(entry.get("image", "")).stem == Path(record["box_mask"]).stem:
+            continue
+        for key in ("image", "mask", "box_mask"):
+            if entry.get(key):
+                (out_dir / entry[key]).unlink(missing_ok=True)
+        path.unlink()
+        removed += 1
+    return removed
+
+
 def rebuild_manifest(out_dir: Path):
     """manifest.jsonl from every finished sample's entry, by index (skipped samples left out)."""
     entries = []
@@ -399,8 +435,8 @@ def prepare_output(out_dir: Path, settings: Settings, overwrite=False):
         try:
             saved = json.loads(path.read_text())
         except json.JSONDecodeError:
-            saved = None
-        if saved is not None and saved != wanted:
+            saved = {}  # unreadable: treated as other settings
+        if saved != wanted:
             changed = [f"{k} {saved.get(k)!r} -> {wanted[k]!r}" for k in SETTING_KEYS if saved.get(k) != wanted[k]]
             raise UserError(f"{out_dir} holds samples made with other settings ({'; '.join(changed)}); pass --overwrite to start over or choose another --output")
     atomic_write_json(path, wanted)
@@ -467,16 +503,21 @@ def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=Non
     from .dataset import class_dir
 
     class_dir(dataset, classname)  # a clear error for an unknown class or dataset
-    records = select_records(load_box_records(mask_dir, classname, dataset), num, boxes_file(mask_dir, classname))
+    all_records = load_box_records(mask_dir, classname, dataset)
+    records = select_records(all_records, num, boxes_path(mask_dir, classname))
     settings.checkpoint = str(check_checkpoint(settings.checkpoint, flag="--checkpoint_dir").resolve())
     if settings.lora is not None:
         settings.lora = str(check_lora(settings.lora, classname).resolve())
+        settings.lora_sha256 = file_sha256(lora_file(settings.lora))
     state, device, torch_dtype = resolve_device(device, dtype)
     warn = (lambda msg: print(msg, flush=True)) if state.is_main_process else (lambda msg: None)
     samples = build_samples(records, mask_dir, classname, dataset, settings.seeds, warn)
     out_dir = Path(output) / classname
     if state.is_main_process:
         prepare_output(out_dir, settings, overwrite)
+        stale = remove_stale_samples(out_dir, all_records, settings.seeds)
+        if stale:
+            print(f"removed {stale} earlier sample(s) that {boxes_path(mask_dir, classname)} no longer holds", flush=True)
     state.wait_for_everyone()
     pending = [s for s in samples if not is_done(out_dir, s)]
     state.wait_for_everyone()  # every process has scanned before any writes

@@ -33,13 +33,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checkpoint import check_checkpoint
+from .checkpoint import LORA_WEIGHT_NAME, check_checkpoint
 from .dataset import record_path
 from .errors import UsageError, UserError
 from .files import atomic_write_json, atomic_write_text, read_jsonl, read_rgb, save_image
 from .latent_cache import build_latent_cache, flip_variants, load_pil
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LOSS_CSV_HEADER = "step,epoch,loss,lr\n"

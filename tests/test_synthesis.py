@@ -437,3 +437,26 @@ def test_bad_input_gets_one_line_errors(workdir):
     assert_user_error(proc, 2, "cable", "bottle, grid")
     proc = run_script("inpainting.py", *cmd, "--resolution", "100", cwd=workdir)
     assert_user_error(proc, 2, "--resolution")
+
+
+def test_rerun_after_new_boxes_or_new_lora_never_mixes_sets(workdir):
+    cmd = ["--classname", "bottle", "--dataset", "./dataset"]
+    paint = [*cmd, "--output", "./output/dataset/image", *FAST, "--extract_mask"]
+    out = workdir / "output" / "dataset" / "image" / "bottle"
+    in_process(random_box, *cmd, "--num", "4", cwd=workdir)
+    in_process(inpainting, *paint, cwd=workdir)
+    assert len(list(out.glob("test/*/*.png"))) == 4
+    # New boxes with fewer samples: the earlier samples they no longer describe are removed.
+    in_process(random_box, *cmd, "--num", "2", "--seed", "5", cwd=workdir)
+    in_process(inpainting, *paint, cwd=workdir)
+    entries = manifest(out)
+    assert [e["index"] for e in entries] == [0, 1] and all(e["seed"] == i for i, e in enumerate(entries))
+    on_disk = sorted(str(p.relative_to(out)) for p in out.glob("*/*/*.png"))
+    listed = sorted(e[k] for e in entries for k in ("image", "mask", "box_mask"))
+    assert on_disk == listed
+    # A retrained LoRA in the same folder is other settings, not "already done".
+    lora = workdir / "output" / "bottle" / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(lora.read_bytes() + b" ")
+    proc = run_script("inpainting.py", *paint, cwd=workdir)
+    assert_user_error(proc, 1, "lora_sha256", "--overwrite")
+    assert_user_error(run_script("random_box.py", *cmd, "--seed", "-1", cwd=workdir), 2, "--seed")
