@@ -202,6 +202,14 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+def trained_prediction_type(lora_dir: Path):
+    """--prediction_type of the Stage 2 run that wrote this LoRA (its run_config.json), if known."""
+    try:
+        return json.loads((Path(lora_dir) / "run_config.json").read_text())["args"].get("prediction_type")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def check_lora(lora_dir, classname):
     """The folder holding the LoRA weights; a missing one names the Stage 2 command."""
     path = Path(lora_dir)
@@ -249,6 +257,9 @@ def load_pipeline(checkpoint, device="cpu", dtype=None, lora=None, lora_scale=1.
             raise UserError(f"--lora_dir {lora}: cannot load the LoRA ({err.__class__.__name__}: {str(err).splitlines()[0]})")
         if "mvp_diff" not in pipe.get_list_adapters().get("unet", []):
             raise UserError(f"--lora_dir {lora}: {weight_name} holds no UNet LoRA weights for this checkpoint")
+        trained_as = trained_prediction_type(lora_file(lora).parent)
+        if trained_as:  # a LoRA trained with --prediction_type v_prediction must be sampled that way
+            pipe.scheduler.register_to_config(prediction_type=trained_as)
         # Fused weights cost nothing per step; the adapter layers are then dropped.
         pipe.fuse_lora(components=["unet"], lora_scale=lora_scale)
         pipe.unload_lora_weights()

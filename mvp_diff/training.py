@@ -632,6 +632,8 @@ def train(args):
                     str(inputs.checkpoint), unet=unwrap(unet), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                     safety_checker=None, feature_extractor=None, requires_safety_checker=False, dtype=weight_dtype,
                     local_files_only=True)
+                # Sample the way the LoRA was trained (the checkpoint's own scheduler may predict otherwise).
+                pipeline.scheduler.register_to_config(prediction_type=noise_scheduler.config.prediction_type)
                 pipeline.set_progress_bar_config(disable=True)
             grid = validation_grid(pipeline, inputs.validation, args.resolution, args.validation_inference_steps,
                                    args.validation_guidance_scale, args.seed, autocast)

@@ -460,3 +460,13 @@ def test_rerun_after_new_boxes_or_new_lora_never_mixes_sets(workdir):
     proc = run_script("inpainting.py", *paint, cwd=workdir)
     assert_user_error(proc, 1, "lora_sha256", "--overwrite")
     assert_user_error(run_script("random_box.py", *cmd, "--seed", "-1", cwd=workdir), 2, "--seed")
+
+
+def test_lora_is_sampled_with_its_training_prediction_type(tmp_path, tiny_checkpoint, lora_dir):
+    assert load_pipeline(tiny_checkpoint, lora=lora_dir).scheduler.config.prediction_type == "epsilon"
+    v_lora = tmp_path / "bottle"
+    shutil.copytree(lora_dir, v_lora)
+    config = json.loads((v_lora / "run_config.json").read_text())
+    config["args"]["prediction_type"] = "v_prediction"
+    (v_lora / "run_config.json").write_text(json.dumps(config))
+    assert load_pipeline(tiny_checkpoint, lora=v_lora).scheduler.config.prediction_type == "v_prediction"
