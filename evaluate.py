@@ -79,6 +79,10 @@ def check_args(args):
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.lpips_size < 64:
+        raise UsageError(f"--lpips_size must be >= 64 (the LPIPS networks pool it down), got {args.lpips_size}")
+    if not [c for c in args.classname.split(",") if c.strip()]:
+        raise UsageError("--classname: no class given")
     if args.image_size % 32:
         raise UsageError(f"--image_size must be a multiple of 32 (the U-Net pools five times), got {args.image_size}")
     if args.batch_size < 2 or args.batch_size % 2:

@@ -22,7 +22,7 @@ from mvp_diff.evaluation import metrics as M
 from mvp_diff.evaluation import pipeline as P
 from mvp_diff.evaluation import quality as Q
 from mvp_diff.evaluation import segmentation as S
-from mvp_diff.evaluation.data import load_generated, real_split
+from mvp_diff.evaluation.data import generated_class_dir, load_generated, real_split
 from mvp_diff.evaluation.standin import build_standin
 from mvp_diff.files import read_mask, read_rgb
 from mvp_diff.records import BoxParams, build_records, compute_boxes
@@ -184,6 +184,22 @@ def test_bad_input_is_a_one_line_error(demo_dataset_master, tmp_path):
     assert_user_error(proc, 1, f"--generated {tmp_path / 'nowhere'}: folder not found")
     proc = run_script("evaluate.py", *base, "--settings", "a,x")
     assert_user_error(proc, 2, "--settings: unknown x")
+    assert_user_error(run_script("evaluate.py", *base, "--lpips_size", "16"), 2, "--lpips_size")
+    assert_user_error(run_script("evaluate.py", *base[2:], "--classname", ","), 2, "--classname")
+
+
+def test_generated_folder_of_another_class_is_refused(standin, tmp_path):
+    gen = tmp_path / "gen"
+    shutil.copytree(standin / "bottle", gen / "bottle")
+    with pytest.raises(UserError, match="holds bottle samples, not grid"):
+        generated_class_dir(gen / "bottle", "grid")
+    assert generated_class_dir(gen / "bottle", "bottle") == gen / "bottle"
+
+
+def test_metrics_accept_integer_and_bool_scores():
+    labels = np.array([0, 1, 0, 1])
+    assert M.auroc(np.uint8([0, 255, 10, 200]), labels) == pytest.approx(1.0)
+    assert M.auroc(np.array([False, True, False, True]), labels) == pytest.approx(1.0)
 
 
 # --- split and model selection -------------------------------------------------------------------

@@ -114,9 +114,15 @@ def generated_class_dir(generated, classname) -> Path:
     root = Path(generated)
     if not root.is_dir():
         raise UserError(f"--generated {root}: folder not found; pass Stage 3's --output folder (e.g. ./output/dataset/image)")
-    for candidate in (root / classname, root):
-        if (candidate / "test").is_dir():
-            return candidate
+    if (root / classname / "test").is_dir():
+        return root / classname
+    if (root / "test").is_dir():  # the class folder itself: its manifest must not name another class
+        manifest = root / MANIFEST
+        named = {r.get("class") for r in read_jsonl(manifest)} - {None} if manifest.is_file() else set()
+        named = named or {root.name}  # no class in a manifest: the folder's name says it
+        if named != {classname}:
+            raise UserError(f"--generated {root} holds {', '.join(sorted(named))} samples, not {classname}; pass the folder above it or the {classname} folder")
+        return root
     raise UserError(
         f"--generated {root}: no {classname}/test/ folder; expected Stage 3's layout "
         f"{root}/{classname}/test/DEFECT/NNN.png with {root}/{classname}/ground_truth/DEFECT/NNN_mask.png"

@@ -14,7 +14,7 @@ import numpy as np
 
 def _counts(scores, labels):
     """(tps, fps, thresholds) at each distinct score, from the highest score down."""
-    scores = np.asarray(scores).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()  # unsigned or bool scores would wrap on negation
     labels = np.asarray(labels).ravel().astype(bool)
     if scores.size != labels.size:
         raise ValueError(f"{scores.size} scores but {labels.size} labels")

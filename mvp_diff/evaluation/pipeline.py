@@ -134,7 +134,7 @@ def quality_for_class(cfg, split, generated, work, lpips_cache, notes):
         real_train = [s.image for s in split.generator_train.get(defect, [])]
         real_all = [a.image for a in split.class_data.anomalies.get(defect, [])]
         files = [s.image for s in samples]
-        key = fingerprint({**params, "nets": [net_a, net_b], "defect": defect}, files + real_all)
+        key = fingerprint({**params, "nets": [net_a, net_b], "defect": defect, "real_train": [str(p) for p in real_train]}, files + real_all)
         path = work / "quality" / f"{defect}.json"
         row = cached(path, key)
         if row is None:
@@ -175,13 +175,15 @@ def _items_key(items):
 
 def draem_samples(cfg, split, work, num):
     """The DRAEM-style pool for setting (d): made on train-side good images only."""
-    class_dir = work / "draem" / split.class_data.name
     sources = None
     if cfg.anomaly_source_path:
         from ..draem import source_images
 
         sources = source_images(cfg.anomaly_source_path)
     goods = [s.image for s in split.train_good]
+    # A folder per (seed, good images, sources): a rerun with other inputs never reuses old samples.
+    made_from = zlib.crc32(json.dumps([cfg.seed, [str(p) for p in goods], [str(p) for p in sources or []]]).encode())
+    class_dir = work / "draem" / f"{split.class_data.name}-{made_from:08x}"
     records = synthesize(goods, class_dir, num, cfg.seed, sources)
     return [Sample(class_dir / r["paths"]["image"], class_dir / r["paths"]["mask"], "draem") for r in records]
 
