@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test benchmarks clean-demo
+.PHONY: setup demo test clean-demo
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

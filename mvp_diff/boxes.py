@@ -5,13 +5,13 @@ import numpy as np
 
 
 def mask_regions(mask: np.ndarray):
-    """Connected regions (8-connectivity) of a bool mask: list of (box, area, region_mask)."""
+    """Connected regions (8-connectivity) of a bool mask: (label image, [(box, area, label), ...])."""
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     regions = []
     for i in range(1, n):
         x, y, w, h, area = (int(v) for v in stats[i])
-        regions.append(([x, y, x + w, y + h], area, labels == i))
-    return regions
+        regions.append(([x, y, x + w, y + h], area, i))
+    return labels, regions
 
 
 def box_gap(a, b) -> int:
@@ -40,7 +40,7 @@ def boxes_from_mask(mask, min_area=10, merge_gap=0, margin=0):
     """
     mask = np.asarray(mask).astype(bool)
     height, width = mask.shape
-    regions = mask_regions(mask)
+    labels, regions = mask_regions(mask)
     kept = [r for r in regions if r[1] >= min_area]
     dropped = len(regions) - len(kept)
 
@@ -56,7 +56,8 @@ def boxes_from_mask(mask, min_area=10, merge_gap=0, margin=0):
     if merge_gap > 0:
         for i in range(len(kept)):
             for j in range(i + 1, len(kept)):
-                if box_gap(kept[i][0], kept[j][0]) < merge_gap and _region_gap(kept[i][2], kept[j][2]) < merge_gap:
+                # Pixel masks only for pairs whose boxes are close: noisy masks have many regions.
+                if box_gap(kept[i][0], kept[j][0]) < merge_gap and _region_gap(labels == kept[i][2], labels == kept[j][2]) < merge_gap:
                     parent[find(i)] = find(j)
     groups = {}
     for i, (box, _, _) in enumerate(kept):

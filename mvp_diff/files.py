@@ -97,12 +97,13 @@ def read_rgb(path):
 
 
 def read_mask(path):
-    """bool HxW array; masks stored 0/255, 0/1 or as RGB/RGBA are all accepted (nonzero = defect)."""
+    """bool HxW array; masks stored 0/255, 0/1 or as RGB/RGBA are all accepted. 0/255 masks are cut at
+    half (JPEG-compressed masks carry faint noise around their regions), 0/1 masks at zero."""
     im = open_image(path)
     arr = np.asarray(im)
     if arr.ndim == 3:
         arr = arr[..., :3].max(axis=2) if arr.shape[2] >= 3 else arr[..., 0]
-    return arr > 0
+    return arr > (127 if arr.max() > 1 else 0)
 
 
 def image_size(path):

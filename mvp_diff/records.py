@@ -53,16 +53,21 @@ def write_box_masks(class_data: ClassData, boxes, params: BoxParams, progress=Tr
     return class_data.boxes_json
 
 
-def load_saved_boxes(class_data: ClassData):
-    """Boxes written by boundbox.py, or None when it has not run."""
+def load_saved_boxes(class_data: ClassData, params: BoxParams = None):
+    """Boxes written by boundbox.py, or None when it has not run. With `params`, boxes made with other
+    --min_area/--merge_gap/--margin are an error: records and box masks must describe the same boxes."""
     path = class_data.boxes_json
     if not path.is_file():
         return None
     try:
         saved = json.loads(path.read_text())
-        return {key: entry["boxes"] for key, entry in saved["anomalies"].items()}
+        boxes = {key: entry["boxes"] for key, entry in saved["anomalies"].items()}
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise UserError(f"{path}: unreadable ({err}); rerun boundbox.py")
+    if params is not None and saved.get("params") != params.as_dict():
+        made = " ".join(f"--{k} {v}" for k, v in (saved.get("params") or {}).items())
+        raise UserError(f"{path} was made with {made or 'other flags'}; rerun boundbox.py with the flags given here, or pass the same ones")
+    return boxes
 
 
 def build_records(class_data: ClassData, boxes, train_fraction=1 / 3):
@@ -111,9 +116,10 @@ def load_class_boxes(args, use_saved=False):
     class_data = load_class(args.dataset, args.classname, args.mask_suffix)
     for anomaly in class_data.empty_masks:
         print(f"skipped {anomaly.image}: its mask {anomaly.mask} is empty", file=sys.stderr)
-    boxes = load_saved_boxes(class_data) if use_saved else None
+    params = BoxParams(args.min_area, args.merge_gap, args.margin)
+    boxes = load_saved_boxes(class_data, params) if use_saved else None
     if boxes is None:
-        boxes, notes = compute_boxes(class_data, BoxParams(args.min_area, args.merge_gap, args.margin))
+        boxes, notes = compute_boxes(class_data, params)
         for anomaly, dropped in notes:
             print(f"{anomaly.mask}: dropped {dropped} region(s) under {args.min_area} px", file=sys.stderr)
     return class_data, boxes

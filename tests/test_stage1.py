@@ -259,3 +259,19 @@ def test_bad_inputs(script, tmp_path):
     make_class(tmp_path / "ds2", name="widget", n=0)
     assert_user_error(run_script(script, "--classname", "widget", "--dataset", tmp_path / "ds2"), 1, "no anomalies")
     assert_user_error(run_script(script, "--classname", "widget", "--dataset", tmp_path / "ds", "--min_area", "-1"), 2, "--min_area")
+
+
+def test_describer_refuses_boxes_made_with_other_flags(demo_dataset, tmp_path):
+    run_script("boundbox.py", "--classname", "grid", "--dataset", demo_dataset, "--margin", "3", check=True)
+    proc = run_script("location_describer.py", "--classname", "grid", "--dataset", demo_dataset, "--outdir", tmp_path / "s")
+    assert_user_error(proc, 1, "boxes.json", "--margin 3", "boundbox.py")
+    run_script("location_describer.py", "--classname", "grid", "--dataset", demo_dataset, "--outdir", tmp_path / "s", "--margin", "3", check=True)
+
+
+def test_jpeg_mask_noise_is_not_a_defect(tmp_path):
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:20, 10:20] = 255
+    Image.fromarray(mask).save(tmp_path / "m.jpg", quality=60)
+    assert np.asarray(Image.open(tmp_path / "m.jpg")).astype(bool).sum() > 100  # compression noise around the square
+    read = read_mask(tmp_path / "m.jpg")
+    assert abs(int(read.sum()) - 100) <= 8 and read[12:18, 12:18].all()
