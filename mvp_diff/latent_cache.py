@@ -52,6 +52,14 @@ def load_pil(image_path, mask_path):
     return image, mask
 
 
+def resize_pair(image, mask, size):
+    """(RGB image, 0/255 mask) PIL images at `size` (w, h), resized as the inpainting pipeline's own
+    processors do (Lanczos; the mask binarised at half), so training, validation and Stage 3 agree."""
+    image = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+    mask = mask.convert("L").resize(size, Image.Resampling.LANCZOS).point(lambda v: 255 if v >= 128 else 0)
+    return image, mask
+
+
 class ExampleImages(torch.utils.data.Dataset):
     """(pixel values in [-1, 1] 3xHxW, binary mask 1xHxW) of (image, box mask) path pairs."""
 

@@ -281,11 +281,10 @@ def as_rgb(image):
 
 
 def pipeline_inputs(good, box, size):
-    """Defect-free image and box mask at the pipeline's size; the mask covers every pixel the box
-    touches (area resize, any coverage counts)."""
-    image = Image.fromarray(as_rgb(good)).resize(size, Image.Resampling.LANCZOS)
-    mask = cv2.resize(box.astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0
-    return image, Image.fromarray(mask.astype(np.uint8) * 255)
+    """Defect-free image and box mask at the pipeline's size, resized as in training."""
+    from .latent_cache import resize_pair
+
+    return resize_pair(Image.fromarray(as_rgb(good)), Image.fromarray(box.astype(np.uint8) * 255), size)
 
 
 def generate(pipe, prompts, images, masks, seeds, size, settings: Settings):

@@ -37,7 +37,7 @@ from .checkpoint import LORA_WEIGHT_NAME, check_checkpoint
 from .dataset import record_path
 from .errors import UsageError, UserError
 from .files import atomic_write_json, atomic_write_text, read_jsonl, read_rgb, save_image
-from .latent_cache import build_latent_cache, flip_variants, load_pil
+from .latent_cache import build_latent_cache, flip_variants, load_pil, resize_pair
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -413,9 +413,7 @@ def resolve_resume(value, out_dir):
 
 def _row(example, resolution, result_fn):
     size = (resolution, resolution)
-    good, mask = load_pil(example.good_image, example.bbox_mask)
-    good = good.resize(size, Image.LANCZOS)
-    mask = mask.resize(size, Image.NEAREST)
+    good, mask = resize_pair(*load_pil(example.good_image, example.bbox_mask), size)
     anomaly = Image.fromarray(read_rgb(example.image)).resize(size, Image.LANCZOS)
     result = result_fn(good, mask)
     m = (np.asarray(mask) > 127)[..., None]
