@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .boxes import box_mask, boxes_from_mask
 from .dataset import load_class
 from .errors import UsageError, UserError, cli
-from .files import IMAGE_EXTENSIONS, atomic_write_jsonl, open_image, read_mask, read_rgb, save_image
+from .files import IMAGE_EXTENSIONS, atomic_write_jsonl, is_grey, read_mask, read_rgb, save_image
 
 DEFECT_TYPE = "draem"
 
@@ -175,7 +175,7 @@ def synthesize(good_images, class_dir, num, seed=0, sources=None, defect_type=DE
         else:
             image = read_rgb(base)
             out, mask = draem_anomaly(image, read_rgb(source), rng)
-            grey = open_image(base).mode in ("L", "I;16", "I;16B", "I", "F")
+            grey = is_grey(base)
             boxes, _ = boxes_from_mask(mask, min_area=1)
             save_image(box_path, box_mask(boxes, *mask.shape))
             save_image(mask_path, mask.astype(np.uint8) * 255)

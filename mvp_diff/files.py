@@ -86,14 +86,36 @@ def open_image(path):
         raise UserError(f"{path}: cannot read image ({err.__class__.__name__}: {err})")
 
 
-def read_rgb(path):
-    """uint8 HxWx3 array; grey (L, I;16) and RGBA images are converted (alpha dropped)."""
-    im = open_image(path)
+GREY_MODES = ("L", "LA", "I;16", "I;16B", "I", "F")
+
+
+def _eight_bit(im):
+    """16-bit and float grey images scaled to 8-bit L; others unchanged."""
     if im.mode in ("I;16", "I;16B", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
         top = 65535.0 if arr.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
-    return np.asarray(im.convert("RGB"))
+        return Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
+    return im
+
+
+def read_rgb(path):
+    """uint8 HxWx3 array; grey (L, I;16) and RGBA images are converted (alpha dropped)."""
+    return np.asarray(_eight_bit(open_image(path)).convert("RGB"))
+
+
+def read_image(path):
+    """uint8 array as the file holds it: HxW for grey images (8 or 16 bit), else HxWx3 RGB."""
+    im = _eight_bit(open_image(path))
+    return np.asarray(im.convert("L")) if im.mode in GREY_MODES else np.asarray(im.convert("RGB"))
+
+
+def is_grey(path) -> bool:
+    """Whether an image is single-channel, from its header."""
+    try:
+        with Image.open(path) as im:
+            return im.mode in GREY_MODES
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"{path}: cannot read image ({err.__class__.__name__}: {err})")
 
 
 def read_mask(path):

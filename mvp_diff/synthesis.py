@@ -29,7 +29,7 @@ from PIL import Image
 from .checkpoint import LORA_WEIGHT_NAME, check_checkpoint
 from .errors import UsageError, UserError
 from .random_boxes import boxes_path
-from .files import atomic_write_json, atomic_write_jsonl, image_size, open_image, read_jsonl, read_mask, save_image
+from .files import atomic_write_json, atomic_write_jsonl, image_size, read_image, read_jsonl, read_mask, save_image
 
 SAMPLES_DIR = ".samples"
 SETTINGS = "settings.json"
@@ -155,15 +155,8 @@ def build_samples(records, mask_dir, classname, dataset, seeds, warn=print):
 
 
 def load_good(sample: Sample):
-    """The defect-free image as saved: HxW uint8 for grey (L) images, else HxWx3 RGB."""
-    im = open_image(sample.good_path)
-    if im.mode == "L":
-        return np.asarray(im)
-    if im.mode in ("I;16", "I;16B", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        arr = arr / (65535.0 if arr.max() > 255 else 255.0) * 255.0
-        return np.repeat(np.clip(arr, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
-    return np.asarray(im.convert("RGB"))
+    """The defect-free image as saved: HxW uint8 for grey images, else HxWx3 RGB."""
+    return read_image(sample.good_path)
 
 
 def load_box(sample: Sample):

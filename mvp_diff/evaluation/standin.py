@@ -16,7 +16,7 @@ from ..boxes import box_mask, boxes_from_mask
 from ..cli_args import add_dataset_args
 from ..dataset import load_class, split_anomalies
 from ..errors import UsageError, cli
-from ..files import atomic_write_jsonl, open_image, read_mask, read_rgb, save_image
+from ..files import atomic_write_jsonl, is_grey, read_mask, read_rgb, save_image
 from ..prompts import describe
 
 
@@ -48,7 +48,7 @@ def build_standin(dataset, classname, out, num=10, seed=0, train_fraction=1 / 3,
             height, width = mask.shape
             save_image(folder / paths["mask"], mask.astype(np.uint8) * 255)
             save_image(folder / paths["box_mask"], box_mask(boxes, height, width))
-            grey = open_image(good_path).mode == "L"
+            grey = is_grey(good_path)
             save_image(folder / paths["image"], out_image[..., 0] if grey else out_image)
             records.append(
                 {
