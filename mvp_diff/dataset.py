@@ -138,6 +138,18 @@ def good_image_for(class_data: ClassData, index: int) -> Path:
     return class_data.train_good[index % len(class_data.train_good)]
 
 
+def generated_paths(class_dir: Path, defect_type: str, name: str):
+    """(image, precise mask, box mask) of a synthetic sample in the MVTec layout every generator here
+    writes: test/DEFECT/NAME.png, ground_truth/DEFECT/NAME_mask.png, bbox/DEFECT/NAME_mask.png (box
+    masks in a folder of their own, so loaders that pair ground_truth/ files by name still work)."""
+    class_dir = Path(class_dir)
+    return (
+        class_dir / "test" / defect_type / f"{name}.png",
+        class_dir / "ground_truth" / defect_type / f"{name}_mask.png",
+        class_dir / BBOX_DIR / defect_type / f"{name}_mask.png",
+    )
+
+
 def record_path(record, key) -> Path:
     """Absolute path of a record field stored relative to its `dataset_root`."""
     value = Path(record[key])

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .boxes import box_mask, boxes_from_mask
-from .dataset import load_class
+from .dataset import generated_paths, load_class
 from .errors import UsageError, UserError, cli
 from .files import IMAGE_EXTENSIONS, atomic_write_jsonl, is_grey, read_mask, read_rgb, save_image
 
@@ -147,12 +147,7 @@ def source_images(anomaly_source_path):
 
 
 def sample_paths(class_dir: Path, index: int, defect_type=DEFECT_TYPE):
-    name = f"{index:03d}"
-    return (
-        class_dir / "test" / defect_type / f"{name}.png",
-        class_dir / "ground_truth" / defect_type / f"{name}_mask.png",
-        class_dir / "bbox" / defect_type / f"{name}_mask.png",
-    )
+    return generated_paths(class_dir, defect_type, f"{index:03d}")
 
 
 def synthesize(good_images, class_dir, num, seed=0, sources=None, defect_type=DEFECT_TYPE, progress=True):

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from .checkpoint import LORA_WEIGHT_NAME, check_checkpoint
+from .dataset import generated_paths
 from .errors import UsageError, UserError
 from .random_boxes import boxes_path
 from .files import atomic_write_json, atomic_write_jsonl, image_size, read_image, read_jsonl, read_mask, save_image
@@ -74,11 +75,7 @@ class Sample:
 
     def paths(self, out_dir: Path):
         """(image, mask, box mask) paths under OUTPUT/CLASS."""
-        return (
-            out_dir / "test" / self.defect_type / f"{self.name}.png",
-            out_dir / "ground_truth" / self.defect_type / f"{self.name}_mask.png",
-            out_dir / "bbox" / self.defect_type / f"{self.name}_mask.png",
-        )
+        return generated_paths(out_dir, self.defect_type, self.name)
 
 
 # --- inputs ----------------------------------------------------------------------------------------

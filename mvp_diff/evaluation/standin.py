@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..boxes import box_mask, boxes_from_mask
 from ..cli_args import add_dataset_args
-from ..dataset import load_class, split_anomalies
+from ..dataset import generated_paths, load_class, split_anomalies
 from ..errors import UsageError, cli
 from ..files import atomic_write_jsonl, is_grey, read_mask, read_rgb, save_image
 from ..prompts import describe
@@ -39,10 +39,11 @@ def build_standin(dataset, classname, out, num=10, seed=0, train_fraction=1 / 3,
             mask &= (out_image != good).any(axis=2)
             boxes, _ = boxes_from_mask(mask, min_area=1)
             name = f"{i:03d}"
+            image_path, mask_path, box_path = generated_paths(folder, defect, name)
             paths = {
-                "image": f"test/{defect}/{name}.png",
-                "mask": f"ground_truth/{defect}/{name}_mask.png",
-                "box_mask": f"bbox/{defect}/{name}_mask.png",
+                "image": image_path.relative_to(folder).as_posix(),
+                "mask": mask_path.relative_to(folder).as_posix(),
+                "box_mask": box_path.relative_to(folder).as_posix(),
                 "good_image": str(Path(good_path).resolve()),
             }
             height, width = mask.shape
