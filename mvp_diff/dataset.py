@@ -85,6 +85,38 @@ def class_dir(dataset_root, classname) -> Path:
     return folder
 
 
+def masks_by_stem(mask_dir: Path, mask_suffix="_mask", strict=True):
+    """{image stem: mask file} of the masks in `mask_dir` named STEM + suffix + extension; with
+    `strict`, a file named otherwise is an error."""
+    masks = {}
+    for m in image_files(mask_dir):
+        if not m.stem.endswith(mask_suffix):
+            if strict:
+                raise UserError(f"{m}: mask name does not end with {mask_suffix!r}; rename it or pass --mask_suffix")
+            continue
+        masks[m.stem[: len(m.stem) - len(mask_suffix)]] = m
+    return masks
+
+
+def pair_masks(images, mask_dir: Path, mask_suffix="_mask"):
+    """{image: its mask} for images of one defect type; a mask without an image, an image without a
+    mask, or a size mismatch is an error naming the files."""
+    masks = masks_by_stem(mask_dir, mask_suffix)
+    stems = {im.stem for im in images}
+    orphans = sorted(str(m) for stem, m in masks.items() if stem not in stems)
+    if orphans:
+        raise UserError(f"mask without an image: {orphans[0]}" + (f" (+{len(orphans) - 1} more)" if len(orphans) > 1 else ""))
+    pairs = {}
+    for im in images:
+        mask = masks.get(im.stem)
+        if mask is None:
+            raise UserError(f"{im}: no mask {Path(mask_dir) / (im.stem + mask_suffix)}.* for this image")
+        if image_size(im) != image_size(mask):
+            raise UserError(f"{im} is {image_size(im)} but its mask {mask} is {image_size(mask)} (width, height); they must match")
+        pairs[im] = mask
+    return pairs
+
+
 def load_class(dataset_root, classname, mask_suffix="_mask", require_anomalies=True) -> ClassData:
     """Read and check one class. Pairing and sizes are checked up front; empty masks are set aside."""
     root = class_dir(dataset_root, classname)
@@ -98,22 +130,8 @@ def load_class(dataset_root, classname, mask_suffix="_mask", require_anomalies=T
     defect_dirs = sorted(p for p in test_dir.iterdir() if p.is_dir() and p.name != GOOD) if test_dir.is_dir() else []
     for ddir in defect_dirs:
         images = image_files(ddir)
-        masks = {}
-        for m in image_files(gt_dir / ddir.name):
-            if not m.stem.endswith(mask_suffix):
-                raise UserError(f"{m}: mask name does not end with {mask_suffix!r}; rename it or pass --mask_suffix")
-            masks[m.stem[: len(m.stem) - len(mask_suffix)] if mask_suffix else m.stem] = m
-        stems = {im.stem for im in images}
-        orphans = sorted(str(m) for stem, m in masks.items() if stem not in stems)
-        if orphans:
-            raise UserError(f"mask without an anomaly image: {orphans[0]}" + (f" (+{len(orphans) - 1} more)" if len(orphans) > 1 else ""))
         found = []
-        for im in images:
-            mask = masks.get(im.stem)
-            if mask is None:
-                raise UserError(f"{im}: no mask {gt_dir / ddir.name / (im.stem + mask_suffix)}.* for this anomaly image")
-            if image_size(im) != image_size(mask):
-                raise UserError(f"{im} is {image_size(im)} but its mask {mask} is {image_size(mask)} (width, height); they must match")
+        for im, mask in pair_masks(images, gt_dir / ddir.name, mask_suffix).items():
             anomaly = Anomaly(ddir.name, im, mask)
             (found if read_mask(mask).any() else empty).append(anomaly)
         if found:

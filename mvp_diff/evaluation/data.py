@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..boxes import box_mask
-from ..dataset import GOOD, ClassData, image_files, load_class, split_anomalies
+from ..dataset import BBOX_DIR, GOOD, ClassData, image_files, load_class, masks_by_stem, pair_masks, split_anomalies
 from ..errors import UserError
 from ..files import image_size, read_jsonl, read_mask
 
@@ -143,11 +143,6 @@ def _manifest_index(folder: Path):
     return index
 
 
-def _by_stem(files, suffix):
-    """{image stem: file} of mask files named STEM + suffix."""
-    return {m.stem[: len(m.stem) - len(suffix)]: m for m in files if m.stem.endswith(suffix)}
-
-
 def _resolve(folder, value):
     if not value:
         return None
@@ -169,17 +164,13 @@ def load_generated(generated, classname, mask_suffix="_mask"):
         images = image_files(ddir)
         if not images:
             raise UserError(f"{ddir}: no generated images in this defect-type folder; generate some or remove it")
-        masks = _by_stem(image_files(gt_dir / ddir.name), mask_suffix)
-        boxes = _by_stem(image_files(folder / "bbox" / ddir.name), mask_suffix)
+        pairs = pair_masks(images, gt_dir / ddir.name, mask_suffix)
+        boxes = masks_by_stem(folder / BBOX_DIR / ddir.name, mask_suffix, strict=False)
         found = []
-        for im in images:
-            mask = masks.get(im.stem)
-            if mask is None:
-                raise UserError(f"{im}: no precise mask {gt_dir / ddir.name / (im.stem + mask_suffix)}.png for this generated image")
-            size = image_size(im)
-            for other in (mask, boxes.get(im.stem)):
-                if other is not None and image_size(other) != size:
-                    raise UserError(f"{im} is {size} but {other} is {image_size(other)} (width, height); they must match")
+        for im, mask in pairs.items():
+            box = boxes.get(im.stem)
+            if box is not None and image_size(box) != image_size(im):
+                raise UserError(f"{im} is {image_size(im)} but its box mask {box} is {image_size(box)} (width, height); they must match")
             record = manifest.get((ddir.name, im.name), {})
             paths = record.get("paths") or record
             good = _resolve(folder, paths.get("good_image"))
@@ -188,7 +179,7 @@ def load_generated(generated, classname, mask_suffix="_mask"):
                     im,
                     mask,
                     ddir.name,
-                    box_mask=boxes.get(im.stem),
+                    box_mask=box,
                     good_image=good if good is not None and good.is_file() else None,
                     boxes=record.get("boxes") or record.get("box"),
                     prompt=record.get("prompt") or record.get("text"),
