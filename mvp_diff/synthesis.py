@@ -43,7 +43,7 @@ SETTING_KEYS = ("checkpoint", "lora", "lora_sha256", "lora_scale", "num_inferenc
 class Settings:
     checkpoint: str
     lora: str  # folder holding pytorch_lora_weights.safetensors, or None for the base model
-    lora_sha256: str = None  # content of the LoRA file: a retrained LoRA is a new setting
+    lora_sha256: str = None  # the LoRA's weights: a retrained LoRA is a new setting
     num_inference_steps: int = 20
     guidance_scale: float = 3.5
     strength: float = 1.0
@@ -184,11 +184,19 @@ def lora_file(lora) -> Path:
     return lora if lora.is_file() else lora / LORA_WEIGHT_NAME
 
 
-def file_sha256(path) -> str:
+def weights_sha256(path) -> str:
+    """Hash of a safetensors file's tensors (names and values). Not of the file: its metadata lists
+    the LoRA's target modules in an order that changes from run to run."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise UserError(f"{path}: cannot read the LoRA weights ({err.__class__.__name__}: {err}); retrain it with train_diffusion.py")
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].float().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -508,7 +516,7 @@ def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=Non
     settings.checkpoint = str(check_checkpoint(settings.checkpoint, flag="--checkpoint_dir").resolve())
     if settings.lora is not None:
         settings.lora = str(check_lora(settings.lora, classname).resolve())
-        settings.lora_sha256 = file_sha256(lora_file(settings.lora))
+        settings.lora_sha256 = weights_sha256(lora_file(settings.lora))
     state, device, torch_dtype = resolve_device(device, dtype)
     warn = (lambda msg: print(msg, flush=True)) if state.is_main_process else (lambda msg: None)
     samples = build_samples(records, mask_dir, classname, dataset, settings.seeds, warn)
@@ -522,7 +530,7 @@ def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=Non
     pending = [s for s in samples if not is_done(out_dir, s)]
     state.wait_for_everyone()  # every process has scanned before any writes
     mine = pending[state.process_index :: state.num_processes]
-    if pending and state.is_main_process:
+    if state.is_main_process:
         print(f"{len(samples) - len(pending)} of {len(samples)} samples already done; generating {len(pending)} on {state.num_processes} process(es)", flush=True)
     if mine:
         pipe = load_pipeline(settings.checkpoint, device, torch_dtype, settings.lora, settings.lora_scale)

@@ -70,9 +70,12 @@ def test_demo_stage1(tmp_path):
 def test_demo_all_stages_small(tmp_path):
     """Every stage of the demo, on one class at the smallest settings: the README's commands chain."""
     work = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "mvp_diff.demo", "--workdir", work, "--classes", "grid", "--resolution", "64",
-                           "--max_train_steps", "2", "--num", "2", "--stages", "1,2,3"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "mvp_diff.demo", "--workdir", work, "--classes", "grid", "--resolution", "64",
+           "--max_train_steps", "2", "--num", "2", "--stages", "1,2,3"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)  # a rerun resumes
+    assert again.returncode == 0 and "2 of 2 samples already done" in again.stdout, again.stderr[-3000:]
     assert (work / "output" / "grid" / "pytorch_lora_weights.safetensors").is_file()
     generated = work / "output" / "dataset" / "image" / "grid"
     images = sorted(generated.glob("test/*/*.png"))
