@@ -32,6 +32,17 @@ from mvp_diff.training import SampleStream, diffusion_loss, prepare_lora_unet  #
 
 WORK = REPO / "benchmarks" / "_work" / "training"
 
+
+def lora_step(unet, scheduler, batch, params, optimizer, autocast):
+    """One LoRA optimisation step as train_diffusion.py takes it (min-SNR loss, clipping, AdamW); the loss."""
+    with autocast:
+        loss = diffusion_loss(unet, scheduler, batch, snr_gamma=10)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.detach()
+
 SD15_UNET = dict(in_channels=9, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
                  attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, sample_size=64)
@@ -117,13 +128,7 @@ def bench(name, args):
     ids = tokenizer([d[3] for d in data], max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids
 
     def optimize(batch):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast:
-            loss = diffusion_loss(unet, scheduler, batch, snr_gamma=10)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
+        lora_step(unet, scheduler, {k: v.to(device) for k, v in batch.items()}, params, optimizer, autocast)
 
     def cached_step(m):
         optimize(stream.batch(cache, m, 0, args.batch_size))

@@ -156,14 +156,9 @@ def quality_for_class(cfg, split, generated, work, lpips_cache, notes):
         if not real_all:
             notes.append(f"{split.class_data.name}/{defect}: no real anomalies of this type; IC-LPIPS skipped for it")
         rows[defect] = row
-    mean = {k: _nanmean([r[k] for r in rows.values()]) for k in ("is", "ic_lpips_a", "ic_lpips_b")}
+    mean = {k: Q.nanmean([r[k] for r in rows.values()]) for k in ("is", "ic_lpips_a", "ic_lpips_b")}
     mean["n"] = sum(r["n"] for r in rows.values())
     return {"per_defect": rows, "mean": mean, "lpips_net_a": net_a, "lpips_net_b": net_b}
-
-
-def _nanmean(values):
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    return float(np.mean(finite)) if finite else math.nan
 
 
 # --- segmentation --------------------------------------------------------------------------------

@@ -263,36 +263,42 @@ def nearest(distances, generated, real):
     return distances(generated, real).argmin(axis=1)
 
 
+def nanmean(values):
+    """Mean of the finite values (None and NaN left out); NaN when there are none."""
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
 def _mean_pairwise(distances, images, members):
     sub = images[torch.as_tensor(members)]
     d = distances(sub, sub)
     return float(d[np.triu_indices(len(members), k=1)].mean())
 
 
+def _cluster_values(distances, generated, real, choose, lonely, desc):
+    """Each generated image joins its nearest real image; per cluster, the mean pairwise distance of
+    the members `choose` keeps (`lonely` under two). Returns (values, cluster sizes before choosing)."""
+    assign = nearest(distances, generated, real)
+    values, sizes = [], []
+    for k in tqdm(range(len(real)), desc=desc, leave=False, disable=len(real) < 5):
+        members = np.flatnonzero(assign == k)
+        sizes.append(int(len(members)))
+        members = choose(members)
+        values.append(_mean_pairwise(distances, generated, members) if len(members) >= 2 else lonely)
+    return values, sizes
+
+
 def ic_lpips_anomalydiffusion(distances, generated, real_train, rng, cluster_size=50):
     """Variant (a). `distances(xs, ys)` -> matrix. Returns (score, per-cluster values, cluster sizes)."""
     if len(real_train) == 0 or len(generated) == 0:
         return math.nan, [], []
-    assign = nearest(distances, generated, real_train)
-    values, sizes = [], []
-    for k in tqdm(range(len(real_train)), desc="IC-LPIPS (a)", leave=False, disable=len(real_train) < 5):
-        members = np.flatnonzero(assign == k)
-        sizes.append(int(len(members)))
-        members = rng.permutation(members)[:cluster_size].tolist()
-        values.append(_mean_pairwise(distances, generated, members) if len(members) >= 2 else math.nan)
-    finite = [v for v in values if not math.isnan(v)]
-    return (float(np.mean(finite)) if finite else math.nan), values, sizes
+    values, sizes = _cluster_values(distances, generated, real_train, lambda m: rng.permutation(m)[:cluster_size].tolist(), math.nan, "IC-LPIPS (a)")
+    return nanmean(values), values, sizes
 
 
 def ic_lpips_dfmgan(distances, generated, real_all, cap=200):
     """Variant (b). Returns (score, per-cluster values, cluster sizes before the cap)."""
     if len(real_all) == 0 or len(generated) == 0:
         return math.nan, [], []
-    assign = nearest(distances, generated, real_all)
-    values, sizes = [], []
-    for k in tqdm(range(len(real_all)), desc="IC-LPIPS (b)", leave=False, disable=len(real_all) < 5):
-        members = np.flatnonzero(assign == k)
-        sizes.append(int(len(members)))
-        members = members[:cap].tolist()
-        values.append(_mean_pairwise(distances, generated, members) if len(members) >= 2 else 0.0)
+    values, sizes = _cluster_values(distances, generated, real_all, lambda m: m[:cap].tolist(), 0.0, "IC-LPIPS (b)")
     return float(np.mean(values)), values, sizes
