@@ -27,8 +27,8 @@ def child(args):
 
     import torch
 
-    from benchmarks.train_step import SD15_TEXT, SD15_UNET, SD15_VAE
-    from mvp_diff.training import diffusion_loss, prepare_lora_unet
+    from benchmarks.train_step import SD15_TEXT, SD15_UNET, SD15_VAE, lora_step
+    from mvp_diff.training import prepare_lora_unet
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,12 +67,7 @@ def child(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with autocast:
-            loss = diffusion_loss(unet, scheduler, batch, snr_gamma=10)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
+        loss = lora_step(unet, scheduler, batch, params, optimizer, autocast)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
@@ -105,7 +100,14 @@ def main(argv=None):
           f"{args.mixed_precision}, encoders resident: {args.with_encoders}")
     print("| gradient checkpointing | step (s) | images/s | peak RSS (GB) | RSS after build (GB) | peak GPU (GB) |")
     print("|---|---:|---:|---:|---:|---:|")
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--configs")]
+    given = list(argv if argv is not None else sys.argv[1:])
+    passthrough = []  # the parent's flags for each child, less --configs and its value
+    while given:
+        flag = given.pop(0)
+        if flag == "--configs":
+            given = given[1:]
+        elif not flag.startswith("--configs="):
+            passthrough.append(flag)
     for gc in (int(c) for c in args.configs.split(",")):
         proc = subprocess.run([sys.executable, __file__, *passthrough, "--child", "--gradient_checkpointing", str(gc)], capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
