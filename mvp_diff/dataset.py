@@ -168,10 +168,16 @@ def generated_paths(class_dir: Path, defect_type: str, name: str):
     )
 
 
-def record_path(record, key) -> Path:
-    """Absolute path of a record field stored relative to its `dataset_root`."""
+def record_path(record, key, moved_root=None) -> Path:
+    """Absolute path of a record field stored relative to its `dataset_root`. When that file is gone
+    (the dataset was moved) and `moved_root` holds the same relative path, that one."""
     value = Path(record[key])
-    return value if value.is_absolute() else Path(record["dataset_root"]) / value
+    if value.is_absolute():
+        return value
+    path = Path(record["dataset_root"]) / value if record.get("dataset_root") else Path(moved_root or ".") / value
+    if not path.exists() and moved_root is not None and (Path(moved_root) / value).exists():
+        return Path(moved_root) / value
+    return path
 
 
 def relative_to_root(path: Path, dataset_root: Path) -> str:

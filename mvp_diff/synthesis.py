@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from .checkpoint import LORA_WEIGHT_NAME, check_checkpoint
-from .dataset import generated_paths
+from .dataset import generated_paths, record_path
 from .errors import UsageError, UserError
 from .random_boxes import boxes_path
 from .files import atomic_write_json, atomic_write_jsonl, image_size, read_image, read_jsonl, read_mask, save_image
@@ -123,9 +123,7 @@ def build_samples(records, mask_dir, classname, dataset, seeds, warn=print):
     folder = Path(mask_dir) / classname
     samples = []
     for record in records:
-        good = Path(dataset) / record["good_image"]
-        if not good.is_file() and record.get("dataset_root"):
-            good = Path(record["dataset_root"]) / record["good_image"]
+        good = record_path(record, "good_image", dataset)
         if not good.is_file():
             raise UserError(f"{good}: defect-free image of sample {record['index']} not found; rerun random_box.py with this --dataset")
         box_path = folder / record["box_mask"]

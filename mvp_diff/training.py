@@ -109,16 +109,6 @@ def default_train_file(classname):
     return Path("script") / classname / f"{classname}_train.jsonl"
 
 
-def _resolve(record, key, data_root):
-    """A record path; when the dataset was moved, the same relative path under --train_data_dir's parent."""
-    path = record_path(record, key)
-    if not path.exists() and data_root is not None and not Path(record[key]).is_absolute():
-        moved = data_root / record[key]
-        if moved.exists():
-            return moved
-    return path
-
-
 def load_examples(path, flag, classname, data_root, with_good_image=False, limit=None):
     """Examples of a Stage 1 .jsonl, every file checked up front (each error names the file)."""
     path = Path(path)
@@ -135,16 +125,16 @@ def load_examples(path, flag, classname, data_root, with_good_image=False, limit
             raise UserError(f"{path}: record {i} lacks {', '.join(missing)}; regenerate it with location_describer.py")
         if record.get("class", classname) != classname:
             raise UserError(f"{path}: record {i} is of class {record['class']!r}, not {classname!r}; check --classname / --train_data_dir")
-        image = _resolve(record, "image", data_root)
+        image = record_path(record, "image", data_root)
         if not image.is_file():
             raise UserError(f"{image}: anomaly image of record {i} in {path} not found (moved dataset? pass --train_data_dir DATASET/{classname})")
-        bbox = _resolve(record, "bbox_mask", data_root)
+        bbox = record_path(record, "bbox_mask", data_root)
         if not bbox.is_file():
             root = data_root or Path(record["dataset_root"])
             raise UserError(f"{bbox}: box mask of record {i} in {path} not found; run: python boundbox.py --classname {classname} --dataset {root}")
         good = None
         if with_good_image:
-            good = _resolve(record, "good_image", data_root)
+            good = record_path(record, "good_image", data_root)
             if not good.is_file():
                 raise UserError(f"{good}: defect-free image of record {i} in {path} not found")
         examples.append(Example(image, bbox, record["text"], good))
