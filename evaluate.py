@@ -12,7 +12,8 @@ and tested once on the held-out real anomalies plus test/good.
 
 Writes OUT/report.md, OUT/metrics.json, OUT/iou.png and OUT/gallery.html. Finished parts are cached
 under OUT/work/, so a rerun only redoes what changed. IS and IC-LPIPS need the pretrained Inception,
-AlexNet and VGG16 weights in the torch hub cache; nothing is downloaded.
+AlexNet and VGG16 weights in the torch hub cache: fetched there on first use, as torchvision and
+torch-fidelity do; with HF_HUB_OFFLINE=1 or --local_files_only nothing is fetched.
 """
 
 import argparse
@@ -58,11 +59,14 @@ def parse_args(argv=None):
     seg.add_argument("--learning_rate", type=float, default=1e-4)
     seg.add_argument("--val_every", type=int, default=1, help="validate every N epochs (default: 1)")
     seg.add_argument("--num_workers", type=int, default=0, help="data loader workers and image loading threads (default: 0)")
-    seg.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="bf16", help="autocast on CUDA (default: bf16; ignored on CPU)")
+    seg.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="bf16", help="training autocast on CUDA (default: bf16; ignored on CPU)")
+    seg.add_argument("--predict_mixed_precision", choices=["no", "fp16", "bf16"], default="no",
+                     help="autocast of test-time inference on CUDA (default: no, float32 scores; half precision collapses distinct scores)")
     seg.add_argument("--draem_num", type=int, default=None, help="DRAEM-style samples for (d) (default: as many as the usable generated pairs, else 200)")
     seg.add_argument("--anomaly_source_path", default=None, help="texture folder for (d), e.g. DTD (default: the class's train/good images)")
     qual = parser.add_argument_group("generation quality")
     qual.add_argument("--isc_splits", type=int, default=10, help="Inception Score splits (default: 10; fewer under 10 images per split)")
+    qual.add_argument("--local_files_only", action="store_true", help="never download pretrained weights (as HF_HUB_OFFLINE=1 does)")
     qual.add_argument("--inception_weights", default=None, help="torch-fidelity Inception weights file (default: the torch hub cache)")
     qual.add_argument("--lpips_size", type=int, default=256, help="images are resized to this for LPIPS (default: 256)")
     qual.add_argument("--lpips_net", choices=["auto", "alex", "vgg"], default="auto", help="auto: vgg for variant (a), alex for (b), as their reference scripts")
@@ -104,7 +108,7 @@ def main(argv=None):
     train = TrainConfig(
         image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, base_channels=args.base_channels,
         lr=args.learning_rate, val_every=args.val_every, num_workers=args.num_workers,
-        mixed_precision=args.mixed_precision, device=device, seed=args.seed,
+        mixed_precision=args.mixed_precision, predict_mixed_precision=args.predict_mixed_precision, device=device, seed=args.seed,
     )  # fmt: skip
     cfg = EvalConfig(
         classnames=[c.strip() for c in args.classname.split(",") if c.strip()],
@@ -114,7 +118,7 @@ def main(argv=None):
         draem_num=args.draem_num, anomaly_source_path=args.anomaly_source_path, isc_splits=args.isc_splits,
         inception_weights=args.inception_weights, lpips_size=args.lpips_size, lpips_net=args.lpips_net,
         ic_cluster_size=args.ic_cluster_size, ic_cluster_cap=args.ic_cluster_cap, quality_batch_size=max(args.batch_size, 8),
-        gallery_n=args.gallery_n, testing=args.random_weights_for_testing,
+        gallery_n=args.gallery_n, testing=args.random_weights_for_testing, local_files_only=args.local_files_only,
         command="python evaluate.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
     )  # fmt: skip
     results = evaluate(cfg)

@@ -4,7 +4,7 @@
         --num_inference_steps 20 --guidance_scale 3.5 --extract_mask
 
 Reads random_box.py's MASK_DIR/CLASS/boxes.jsonl and box masks, the SD-1.5 inpainting checkpoint
-(--checkpoint_dir, a local diffusers folder) and Stage 2's LoRA (--lora_dir, default ./output/CLASS).
+(--checkpoint_dir: a diffusers folder, or a Hugging Face Hub id fetched once into the Hugging Face cache) and Stage 2's LoRA (--lora_dir, default ./output/CLASS).
 Writes OUTPUT/CLASS/test/DEFECT/NNN.png, OUTPUT/CLASS/ground_truth/DEFECT/NNN_mask.png (the precise
 mask with --extract_mask, else the box), the box mask OUTPUT/CLASS/bbox/DEFECT/NNN_mask.png and OUTPUT/CLASS/manifest.jsonl.
 Pixels outside the boxes are the defect-free image's; images keep its size and grey/colour mode.
@@ -39,7 +39,9 @@ def parse_args(argv=None):
     parser.add_argument("--mask_dir", default="./output/dataset/mask", help="random_box.py's --outdir (default: ./output/dataset/mask)")
     parser.add_argument("--output", default="./output/dataset/image", help="where CLASS/ of the synthetic dataset goes (default: ./output/dataset/image)")
     parser.add_argument("--num", type=int, default=None, help="how many samples of MASK_DIR/CLASS/boxes.jsonl, taking defect types in turn (default: all)")
-    parser.add_argument("--checkpoint_dir", default="checkpoints/inpainting", help="SD-1.5 inpainting checkpoint, diffusers layout (default: checkpoints/inpainting)")
+    parser.add_argument("--checkpoint_dir", default="checkpoints/inpainting", 
+                        help="SD-1.5 inpainting checkpoint: a diffusers folder or a Hub id, e.g. stable-diffusion-v1-5/stable-diffusion-inpainting (default: checkpoints/inpainting)")
+    parser.add_argument("--local_files_only", action="store_true", help="never fetch a Hub id; use the Hugging Face cache only (as HF_HUB_OFFLINE=1 does)")
     parser.add_argument("--lora_dir", default=None, help="folder holding Stage 2's pytorch_lora_weights.safetensors (default: ./output/CLASS)")
     parser.add_argument("--no_lora", action="store_true", help="use the base checkpoint without Stage 2's LoRA")
     parser.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA (default: 1.0)")
@@ -87,7 +89,8 @@ def main(argv=None):
         batch_size=args.batch_size,
         skip_empty=args.skip_empty,
     )
-    state, out_dir, entries = synthesize(args.classname, args.dataset, args.mask_dir, args.output, settings, args.num, args.device, args.dtype, args.overwrite)
+    state, out_dir, entries = synthesize(args.classname, args.dataset, args.mask_dir, args.output, settings, args.num, args.device, args.dtype, args.overwrite,
+                                        args.local_files_only)
     if state.is_main_process:
         empty = sum("empty_mask" in e["flags"] for e in entries)
         what = f"precise masks ({args.mask_method})" if args.extract_mask else "box masks (no --extract_mask)"

@@ -16,7 +16,6 @@ Flags are named as in diffusers' examples/text_to_image/train_text_to_image_lora
 
 import argparse
 import logging
-import os
 
 from mvp_diff.errors import cli
 
@@ -25,8 +24,11 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained_model_name_or_path", required=True, help="SD-1.5 inpainting checkpoint folder in diffusers layout")
-    p.add_argument("--variant", default=None, help="weight file variant of the checkpoint, e.g. fp16")
+    p.add_argument("--pretrained_model_name_or_path", required=True, 
+                   help="SD-1.5 inpainting checkpoint: a diffusers folder, or a Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-inpainting) "
+                        "fetched once into the Hugging Face cache")
+    p.add_argument("--local_files_only", action="store_true", help="never fetch a Hub id; use the Hugging Face cache only (as HF_HUB_OFFLINE=1 does)")
+    p.add_argument("--variant", default=None, help="weight file variant of the checkpoint, e.g. fp16 (default: fp16 when the UNet has only fp16 files)")
     p.add_argument("--train_data_dir", default=None, help="DATASET/CLASS; names the class, and locates the images if the dataset moved since Stage 1")
     p.add_argument("--classname", default=None, help="object class (default: the name of --train_data_dir)")
     p.add_argument("--train_file", default=None, help="Stage 1 train records (default: ./script/CLASS/CLASS_train.jsonl)")
@@ -63,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--adam_epsilon", type=float, default=1e-08)
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm; 0 turns it off")
     p.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction"), help="default: the checkpoint scheduler's")
-    p.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"), help="default: accelerate's config")
+    p.add_argument("--mixed_precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
+                   help="frozen weights and autocast (default: auto = fp16 on CUDA, no on CPU)")
     p.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps (default: 500)")
     p.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-STEP folder, or `latest`")
@@ -77,7 +80,6 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything loads from local folders
     from mvp_diff.training import train
 
     train(args)

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .checkpoint import LORA_WEIGHT_NAME, check_checkpoint
+from .checkpoint import LORA_WEIGHT_NAME, check_checkpoint, inpaint_pipeline, load_components, pick_variant, resolve_checkpoint
 from .dataset import generated_paths, record_path
 from .errors import UsageError, UserError
 from .random_boxes import boxes_path
@@ -166,17 +166,6 @@ def load_box(sample: Sample):
 # --- model -----------------------------------------------------------------------------------------
 
 
-def pick_variant(checkpoint: Path, dtype):
-    """"fp16" when the UNet ships fp16 variant files and either fp16 is asked for or no full-precision
-    weights exist (the layout of the SD-1.5 inpainting release), else None."""
-    import torch
-
-    names = [p.name for p in (checkpoint / "unet").iterdir() if p.name.startswith("diffusion_pytorch_model")]
-    has_fp16 = any(".fp16." in n for n in names)
-    has_plain = any(".fp16." not in n for n in names)
-    return "fp16" if has_fp16 and (dtype == torch.float16 or not has_plain) else None
-
-
 def lora_file(lora) -> Path:
     lora = Path(lora)
     return lora if lora.is_file() else lora / LORA_WEIGHT_NAME
@@ -220,28 +209,22 @@ def check_lora(lora_dir, classname):
 
 
 def load_pipeline(checkpoint, device="cpu", dtype=None, lora=None, lora_scale=1.0):
-    """StableDiffusionInpaintPipeline from a local diffusers folder (.safetensors or .bin weights, fp16
-    variant files), no safety checker, nothing downloaded; the LoRA (if any) fused into the UNet."""
+    """The inference pipeline (`inpaint_pipeline`) of a local diffusers folder (.safetensors or .bin
+    weights, fp16 variant files), every model on `dtype`; the LoRA (if any) fused into the UNet."""
     import torch
-    from diffusers import StableDiffusionInpaintPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     dtype = dtype or torch.float32
     path = check_checkpoint(checkpoint, flag="--checkpoint_dir")
-    variant = pick_variant(path, dtype)
-    # Loading bars and notices ("safety checker disabled") would bury the run's own progress.
+    # Loading bars and notices would bury the run's own progress.
     for logging in (diffusers_logging, transformers_logging):
         logging.set_verbosity_error()
         logging.disable_progress_bar()
     # A folder with .bin weights only makes diffusers log an "error" before it falls back to them.
     diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
     try:
-        pipe = StableDiffusionInpaintPipeline.from_pretrained(
-            path, safety_checker=None, requires_safety_checker=False, dtype=dtype, variant=variant, local_files_only=True
-        )
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"--checkpoint_dir {path}: cannot load the pipeline ({err.__class__.__name__}: {str(err).splitlines()[0]})")
+        pipe = inpaint_pipeline(**load_components(path, pick_variant(path, dtype), dtype))
     finally:
         diffusers_logging.set_verbosity_error()
     if lora is not None:
@@ -259,7 +242,6 @@ def load_pipeline(checkpoint, device="cpu", dtype=None, lora=None, lora_scale=1.
         # Fused weights cost nothing per step; the adapter layers are then dropped.
         pipe.fuse_lora(components=["unet"], lora_scale=lora_scale)
         pipe.unload_lora_weights()
-    pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
@@ -502,8 +484,10 @@ def resolve_device(device=None, dtype="auto"):
     return state, device, dtype
 
 
-def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=None, device=None, dtype="auto", overwrite=False):
+def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=None, device=None, dtype="auto", overwrite=False,
+               local_files_only=False):
     """Generate every selected sample not yet done; returns (PartialState, OUTPUT/CLASS, manifest entries)."""
+    import torch
     from tqdm.auto import tqdm
 
     from .dataset import class_dir
@@ -511,11 +495,12 @@ def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=Non
     class_dir(dataset, classname)  # a clear error for an unknown class or dataset
     all_records = load_box_records(mask_dir, classname, dataset)
     records = select_records(all_records, num, boxes_path(mask_dir, classname))
-    settings.checkpoint = str(check_checkpoint(settings.checkpoint, flag="--checkpoint_dir").resolve())
+    state, device, torch_dtype = resolve_device(device, dtype)
+    hub_variant = "fp16" if torch_dtype == torch.float16 else None  # what a Hub id fetches: half the download in fp16
+    settings.checkpoint = str(resolve_checkpoint(settings.checkpoint, "--checkpoint_dir", local_files_only, hub_variant).resolve())
     if settings.lora is not None:
         settings.lora = str(check_lora(settings.lora, classname).resolve())
         settings.lora_sha256 = weights_sha256(lora_file(settings.lora))
-    state, device, torch_dtype = resolve_device(device, dtype)
     warn = (lambda msg: print(msg, flush=True)) if state.is_main_process else (lambda msg: None)
     samples = build_samples(records, mask_dir, classname, dataset, settings.seeds, warn)
     out_dir = Path(output) / classname

@@ -15,7 +15,6 @@ with three changes:
 """
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checkpoint import LORA_WEIGHT_NAME, check_checkpoint
+from .checkpoint import LORA_WEIGHT_NAME, inpaint_pipeline, load_components, load_scheduler, pick_variant, resolve_checkpoint
 from .dataset import record_path
 from .errors import UsageError, UserError
 from .files import atomic_write_json, atomic_write_text, read_jsonl, read_rgb, save_image
@@ -87,13 +86,23 @@ def check_args(args):
         raise UsageError("--lr_warmup_steps, --dataloader_num_workers, --noise_offset and --max_grad_norm must be >= 0")
     if args.snr_gamma is not None and not args.snr_gamma > 0:
         raise UsageError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+    if resolve_mixed_precision(args.mixed_precision) == "fp16" and not torch.cuda.is_available():
         raise UsageError("--mixed_precision fp16 needs a CUDA GPU; use --mixed_precision bf16 or no on this machine")
     if args.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401  (availability check)
         except ImportError:
             raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)")
+
+
+def resolve_mixed_precision(value):
+    """--mixed_precision auto: fp16 on CUDA, no on CPU. fp16 rather than bf16 because SD-1.5 is released
+    in fp16 (the frozen weights lose nothing), every CUDA GPU runs it at full speed, and it keeps 3 more
+    mantissa bits than bf16; the gradient scaler covers its range and the LoRA weights stay float32.
+    On CPU half precision is slower than float32."""
+    if value in (None, "auto"):
+        return "fp16" if torch.cuda.is_available() else "no"
+    return value
 
 
 def class_name(args):
@@ -145,7 +154,6 @@ def prepare_inputs(args) -> Inputs:
     """Every check that needs no model: flags, checkpoint folder, train and validation records."""
     check_args(args)
     classname = class_name(args)
-    checkpoint = check_checkpoint(args.pretrained_model_name_or_path)
     data_root = None
     if args.train_data_dir:
         if not Path(args.train_data_dir).is_dir():
@@ -164,6 +172,9 @@ def prepare_inputs(args) -> Inputs:
         latest = list_checkpoints(out_dir)[-1][1]
         raise UserError(f"{latest} exists from an earlier run; pass --resume_from_checkpoint latest to continue it, "
                         f"or use another --output_dir (or delete {out_dir})")
+    # Last: a Hub id may be fetched here, after every cheaper check has passed.
+    checkpoint = resolve_checkpoint(args.pretrained_model_name_or_path, local_files_only=getattr(args, "local_files_only", False),
+                                    variant=args.variant)
     return Inputs(classname, out_dir, checkpoint, train, validation, resume)
 
 
@@ -442,25 +453,6 @@ def _versions():
             "transformers": transformers.__version__, "accelerate": accelerate.__version__, "peft": peft.__version__}
 
 
-def _load_models(path, variant=None):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    loaded = {}
-    for name, load in (
-        ("scheduler", lambda: DDPMScheduler.from_pretrained(path, subfolder="scheduler")),
-        ("tokenizer", lambda: CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")),
-        ("text_encoder", lambda: CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant)),
-        ("vae", lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant)),
-        ("unet", lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant)),
-    ):
-        try:
-            loaded[name] = load()
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
-            raise UserError(f"{Path(path) / name}: cannot load ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
-    return loaded
-
-
 def _reset_loss_log(path, keep_until_step):
     """The loss CSV of this run: rows up to the resumed step kept, the rest (a stopped run's tail) dropped."""
     rows = []
@@ -481,7 +473,7 @@ def train(args):
 
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
 
@@ -498,7 +490,7 @@ def train(args):
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / args.logging_dir)),
         cpu=cpu_ddp,
@@ -520,18 +512,16 @@ def train(args):
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out_dir)
 
-    models = _load_models(str(inputs.checkpoint), args.variant)
-    noise_scheduler, tokenizer, text_encoder, vae, unet = (models[k] for k in ("scheduler", "tokenizer", "text_encoder", "vae", "unet"))
-    if args.prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    for model in (unet, vae, text_encoder):
-        model.requires_grad_(False)
-
-    # Frozen weights in half precision; the trainable LoRA weights stay in float32 (fp16).
+    # Frozen weights, all on one dtype (half precision under mixed precision); the trainable LoRA
+    # weights stay in float32.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
-    for model in (unet, vae, text_encoder):
-        model.to(device) if weight_dtype == torch.float32 else model.to(device, dtype=weight_dtype)
+    variant = args.variant or pick_variant(inputs.checkpoint, weight_dtype)
+    models = load_components(inputs.checkpoint, variant, weight_dtype, device)
+    tokenizer, text_encoder, vae, unet = (models[k] for k in ("tokenizer", "text_encoder", "vae", "unet"))
+    noise_scheduler = DDPMScheduler.from_config(models["scheduler"].config)  # training adds noise the DDPM way
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     prepare_lora_unet(unet, args.rank, args.gradient_checkpointing)
 
     variants = flip_variants(args.random_hflip, args.random_vflip)
@@ -601,7 +591,7 @@ def train(args):
             "args": config, "classname": inputs.classname, "train_records": cache.num_records, "flip_variants": variants,
             "num_processes": num_processes, "global_batch_size": stream.global_batch_size * accum,
             "micro_batches_per_epoch": micro_per_epoch, "max_train_steps": max_train_steps, "learning_rate": learning_rate,
-            "mixed_precision": accelerator.mixed_precision, "versions": _versions(),
+            "mixed_precision": accelerator.mixed_precision, "weight_variant": variant, "versions": _versions(),
         })
         _reset_loss_log(loss_csv, global_step)
         if log_with:
@@ -611,18 +601,16 @@ def train(args):
 
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else contextlib.nullcontext
     pipeline = None
+    validated_epoch = None  # every process keeps it alike, so all or none enter validate() and its barrier
 
     def validate(epoch):
-        nonlocal pipeline
+        nonlocal pipeline, validated_epoch
+        validated_epoch = epoch
         if is_main and inputs.validation:
             if pipeline is None:
-                pipeline = StableDiffusionInpaintPipeline.from_pretrained(
-                    str(inputs.checkpoint), unet=unwrap(unet), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                    safety_checker=None, feature_extractor=None, requires_safety_checker=False, dtype=weight_dtype,
-                    local_files_only=True)
+                pipeline = inpaint_pipeline(unwrap(unet), vae, text_encoder, tokenizer, load_scheduler(inputs.checkpoint))
                 # Sample the way the LoRA was trained (the checkpoint's own scheduler may predict otherwise).
                 pipeline.scheduler.register_to_config(prediction_type=noise_scheduler.config.prediction_type)
-                pipeline.set_progress_bar_config(disable=True)
             grid = validation_grid(pipeline, inputs.validation, args.resolution, args.validation_inference_steps,
                                    args.validation_guidance_scale, args.seed, autocast)
             save_image(out_dir / "validation" / f"epoch-{epoch}.png", grid)
@@ -677,7 +665,7 @@ def train(args):
     if is_main:
         path = save_lora(out_dir, unwrap(unet))
         say(f"LoRA weights -> {path}")
-    if inputs.validation and not (out_dir / "validation" / f"epoch-{final_epoch}.png").exists():
+    if inputs.validation and validated_epoch != final_epoch:
         validate(final_epoch)
     accelerator.end_training()
     return unwrap(unet)

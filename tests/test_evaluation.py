@@ -162,8 +162,27 @@ def test_missing_weights_named(tmp_path, monkeypatch):
     missing = " ".join(Q.missing_weights(True, ["alex", "vgg"]))
     for name in ("weights-inception-2015-12-05-6726825d.pth", "alexnet-owt-7be5be79.pth", "vgg16-397923af.pth"):
         assert str(tmp_path / "torch" / "hub" / "checkpoints" / name) in missing
-    with pytest.raises(UserError, match="nothing is downloaded"):
-        Q.load_lpips("alex")
+    with pytest.raises(UserError, match="fetching is off"):
+        Q.load_lpips("alex", offline=True)
+
+
+def test_missing_weights_are_fetched_into_the_torch_hub_cache(tmp_path, monkeypatch):
+    """Online, a missing trunk is downloaded where torchvision looks (served here from a file:// URL, so
+    no network is needed); a failed download is one error naming the file and its URL."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    source = tmp_path / "served" / "alexnet-owt-7be5be79.pth"
+    source.parent.mkdir()
+    torch.save({"features.0.weight": torch.zeros(1)}, source)
+    monkeypatch.setitem(Q.LPIPS_TRUNKS, "alex", (source.name, source.as_uri()))
+    Q.require_weights(need_is=False, lpips_nets=["alex"])
+    fetched = tmp_path / "torch" / "hub" / "checkpoints" / source.name
+    assert fetched.read_bytes() == source.read_bytes()
+
+    gone = (tmp_path / "served" / "vgg16-397923af.pth").as_uri()
+    monkeypatch.setitem(Q.LPIPS_TRUNKS, "vgg", ("vgg16-397923af.pth", gone))
+    with pytest.raises(UserError, match="could not download") as err:
+        Q.require_weights(need_is=False, lpips_nets=["alex", "vgg"])
+    assert gone in str(err.value) and "alexnet" not in str(err.value) and "\n" not in str(err.value)
 
 
 def test_weights_missing_offline_is_one_line_error(demo_dataset_master, standin, tmp_path):

@@ -37,9 +37,10 @@ def workdir(demo_dataset_master, tiny_checkpoint, tmp_path_factory):
 
 
 def base_args(workdir, out, *extra):
+    """Flags of an in-process run; float32 everywhere, so its numbers mean the same on CPU and GPU."""
     return ["--pretrained_model_name_or_path", str(workdir / "checkpoints" / "inpainting"), "--train_data_dir", str(workdir / "dataset" / "bottle"),
             "--train_file", str(workdir / "script" / "bottle" / "bottle_train.jsonl"), "--output_dir", str(out), "--resolution", "64",
-            "--report_to", "none", *map(str, extra)]
+            "--report_to", "none", "--mixed_precision", "no", *map(str, extra)]
 
 
 def train_in_process(argv):
@@ -216,9 +217,9 @@ def test_overfit_and_saved_lora_reproduces_the_trained_unet(workdir, tmp_path):
         base = pipe.unet(x, t, text).sample
         pipe.load_lora_weights(str(tmp_path / "out" / "bottle"))
         loaded = pipe.unet(x, t, text).sample
-        trained = unet.eval()(x, t, text).sample
+        trained = unet.to("cpu").eval()(x, t, text).sample  # trained on CUDA when there is one
     assert (trained - base).abs().max() > 1e-2
-    assert torch.allclose(loaded, trained, atol=1e-6), (loaded - trained).abs().max()
+    assert torch.allclose(loaded, trained, atol=1e-6), (loaded - trained).abs().max()  # same weights, both run on the CPU
 
 
 def test_resume_equals_uninterrupted(workdir, tmp_path):
@@ -242,19 +243,26 @@ def test_resume_equals_uninterrupted(workdir, tmp_path):
     train_in_process(base_args(workdir, stopped, *flags, "--resume_from_checkpoint", "latest"))
 
     assert not (stopped / "bottle" / ".checkpoint-6.tmp").exists()
-    assert same_lora(full / "bottle" / LORA, stopped / "bottle" / LORA, atol=1e-6)
-    assert loss_rows(stopped) == loss_rows(full) and len(loss_rows(full)) == 6
+    # Bit-exact on a CPU; CUDA kernels (cuDNN algorithm choice, atomics in backward) may differ in the last bits.
+    exact = not torch.cuda.is_available()
+    assert same_lora(full / "bottle" / LORA, stopped / "bottle" / LORA, atol=1e-6 if exact else 1e-4)
+    if exact:
+        assert loss_rows(stopped) == loss_rows(full)
+    else:
+        assert all(float(a[2]) == pytest.approx(float(b[2]), rel=1e-3) for a, b in zip(loss_rows(stopped), loss_rows(full)))
+    assert len(loss_rows(stopped)) == len(loss_rows(full)) == 6
     assert not same_lora(full / "bottle" / LORA, full / "bottle" / "checkpoint-4" / LORA, atol=1e-4)
 
 
 def test_two_process_ddp_equals_one_process(workdir, tmp_path):
     """train_diffusion.sh with NUM_GPUS=2 on a CPU (gloo): 2 processes x batch 1 end where 1 process x
-    batch 2 ends; only rank 0 writes the log; both ranks' states go into the checkpoint."""
+    batch 2 ends; only rank 0 writes the log; both ranks' states go into the checkpoint. Both runs are
+    pinned to the CPU (CUDA_VISIBLE_DEVICES=""), so a machine with one GPU runs it too."""
     extra = ["--resolution", "64", "--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--max_train_steps", "3",
              "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--learning_rate", "1e-3", "--random_hflip", "--checkpointing_steps", "2",
              "--validation_file=", "--report_to", "none"]
     env = dict(os.environ, NUM_GPUS="2", OUTPUT_DIR=str(tmp_path / "ddp"), PYTHON=sys.executable, ACCELERATE=str(Path(sys.executable).parent / "accelerate"),
-               PYTHONPATH=str(REPO), MIXED_PRECISION="no")
+               PYTHONPATH=str(REPO), MIXED_PRECISION="no", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(["sh", str(REPO / "train_diffusion.sh"), *extra], cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("LoRA weights ->") == 1
@@ -263,12 +271,8 @@ def test_two_process_ddp_equals_one_process(workdir, tmp_path):
     argv = ["--pretrained_model_name_or_path", str(workdir / "checkpoints" / "inpainting"), "--train_data_dir", str(workdir / "dataset" / "bottle"),
             "--output_dir", str(one), "--seed", "0", "--prediction_type", "epsilon", "--scale_lr", "--snr_gamma", "10", *extra]
     argv[argv.index("--train_batch_size") + 1] = "2"
-    cwd = os.getcwd()
-    os.chdir(workdir)  # default --train_file ./script/bottle/bottle_train.jsonl, as the script resolves it
-    try:
-        train_in_process(argv)
-    finally:
-        os.chdir(cwd)
+    # cwd: the default --train_file ./script/bottle/bottle_train.jsonl resolves as for the 2-process run
+    run_script("train_diffusion.py", *argv, cwd=workdir, env={"CUDA_VISIBLE_DEVICES": ""}, check=True)
 
     ddp_rows, one_rows = loss_rows(tmp_path / "ddp"), loss_rows(one)
     assert [r[0] for r in ddp_rows] == ["1", "2", "3"]

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..checkpoint import is_offline
 from ..draem import synthesize
 from ..errors import UserError
 from ..files import atomic_write_json, read_mask, read_rgb, save_image
@@ -56,6 +57,7 @@ class EvalConfig:
     quality_batch_size: int = 32
     gallery_n: int = 12
     testing: bool = False  # random weights: for the test suite only
+    local_files_only: bool = False  # never fetch pretrained weights (as HF_HUB_OFFLINE=1)
     command: str = ""
 
 
@@ -121,7 +123,7 @@ class _Lpips:
 
     def distance(self, net):
         if net not in self.models:
-            model = Q.load_lpips(net, self.cfg.device, self.cfg.testing)
+            model = Q.load_lpips(net, self.cfg.device, self.cfg.testing, offline=is_offline(self.cfg.local_files_only))
             self.models[net] = Q.LpipsMatrix(model, self.cfg.device, self.cfg.quality_batch_size)
         return self.models[net]
 
@@ -307,7 +309,7 @@ def gallery_for_class(cfg, generated, out_dir):
 def check_weights(cfg):
     """Fail before any work when the quality part needs weights that are not there."""
     if "quality" in cfg.parts and cfg.generated and not cfg.testing:
-        Q.require_weights(True, set(lpips_nets(cfg)), cfg.inception_weights)
+        Q.require_weights(True, set(lpips_nets(cfg)), cfg.inception_weights, offline=is_offline(cfg.local_files_only))
 
 
 def evaluate(cfg: EvalConfig):

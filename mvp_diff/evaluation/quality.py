@@ -8,8 +8,8 @@ IC-LPIPS has two incompatible definitions in the field; both are computed and la
   (b) DFMGAN (and SeaS): clusters = all real anomalies of the type; a cluster keeps its first 200
       members; clusters with fewer than two members count 0; plain mean. Their script uses AlexNet.
 
-Pretrained weights come from the torch hub cache (torch.hub.get_dir()/checkpoints/) and are never
-downloaded here: a missing file is an error that names it. `testing=True` builds the networks with
+Pretrained weights come from the torch hub cache (torch.hub.get_dir()/checkpoints/), fetched there on
+first use as torchvision and torch-fidelity do; offline, a missing file is an error that names it. `testing=True` builds the networks with
 random weights instead; it exists for the test suite and its numbers mean nothing.
 """
 
@@ -47,31 +47,58 @@ def inception_weights(path=None):
     return (Path(path) if path else hub_checkpoint(URL_INCEPTION_V3.rsplit("/", 1)[-1])), URL_INCEPTION_V3
 
 
-def missing_weights(need_is=True, lpips_nets=(), inception_path=None):
-    """['FILE (download URL)'] for every pretrained file that is not where the libraries look."""
-    missing = []
+def _absent_weights(need_is=True, lpips_nets=(), inception_path=None):
+    """[(path, URL or None)] of every pretrained file that is not where the libraries look; URL None
+    for files that cannot be fetched (a user-given path, lpips' own layers)."""
+    absent = []
     if need_is:
         path, url = inception_weights(inception_path)
         if not path.is_file():
-            missing.append(f"{path} (from {url})")
+            absent.append((path, None if inception_path else url))
     for net in sorted(set(lpips_nets)):
         name, url = LPIPS_TRUNKS[net]
         path = hub_checkpoint(name)
         if not path.is_file():
-            missing.append(f"{path} (from {url})")
+            absent.append((path, url))
         import lpips
 
         linear = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
         if not linear.is_file():
-            missing.append(f"{linear} (ships with the lpips package: pip install --force-reinstall lpips)")
-    return missing
+            absent.append((linear, None))
+    return absent
 
 
-def require_weights(need_is=True, lpips_nets=(), inception_path=None):
-    missing = missing_weights(need_is, lpips_nets, inception_path)
-    if missing:
+def _describe(path, url):
+    if url:
+        return f"{path} (from {url})"
+    if path.parent.name == "v0.1":  # lpips' own linear layers
+        return f"{path} (ships with the lpips package: pip install --force-reinstall lpips)"
+    return str(path)
+
+
+def missing_weights(need_is=True, lpips_nets=(), inception_path=None):
+    """['FILE (download URL)'] for every pretrained file that is not where the libraries look."""
+    return [_describe(path, url) for path, url in _absent_weights(need_is, lpips_nets, inception_path)]
+
+
+def require_weights(need_is=True, lpips_nets=(), inception_path=None, offline=False):
+    """Fetch missing pretrained files into the torch hub cache, where and as torchvision and
+    torch-fidelity fetch them; when fetching is off (`offline`) or fails, one error naming every file."""
+    failed, reason = [], None
+    for path, url in _absent_weights(need_is, lpips_nets, inception_path):
+        if url is None or offline:
+            failed.append((path, url))
+            continue
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(path), progress=True)
+        except (OSError, ValueError, RuntimeError) as err:  # URLError, HTTPError and timeouts are OSErrors
+            failed.append((path, url))
+            reason = reason or f"{err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if failed:
+        why = "fetching is off (HF_HUB_OFFLINE / --local_files_only)" if offline else f"could not download them ({reason})" if reason else "not found"
         raise UserError(
-            "pretrained weights missing (nothing is downloaded): put " + "; ".join(missing)
+            f"pretrained weights missing and {why}: put " + "; ".join(_describe(p, u) for p, u in failed)
             + " (TORCH_HOME moves the cache; --parts segmentation,gallery skips IS and IC-LPIPS)"
         )
 
@@ -181,12 +208,12 @@ def inception_score(files, device="cpu", batch_size=32, splits=10, weights_path=
 # --- IC-LPIPS ------------------------------------------------------------------------------------
 
 
-def load_lpips(net, device="cpu", testing=False):
+def load_lpips(net, device="cpu", testing=False, offline=False):
     """lpips.LPIPS with its pretrained trunk, or (testing) a seeded random trunk."""
     import lpips
 
     if not testing:
-        require_weights(need_is=False, lpips_nets=[net])
+        require_weights(need_is=False, lpips_nets=[net], offline=offline)
     torch.manual_seed(0)
     with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=`
         warnings.simplefilter("ignore", UserWarning)
