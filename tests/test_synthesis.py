@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import inpainting
@@ -298,7 +299,11 @@ def test_same_seed_same_image_whatever_the_batch_lora_matters(workdir):
     for e in b1:
         image = png(workdir / "b1" / "bottle" / e["image"])
         box = png(workdir / "b1" / "bottle" / e["box_mask"]) > 0
-        assert png(workdir / "again" / "bottle" / e["image"]).tobytes() == image.tobytes(), "same seed, other image"
+        again = png(workdir / "again" / "bottle" / e["image"])
+        if torch.cuda.is_available():  # cuDNN may pick another kernel for the same call: last-bit differences
+            assert_same_sample(again, image, box)
+        else:
+            assert again.tobytes() == image.tobytes(), "same seed, other image"
         assert_same_sample(png(workdir / "b4" / "bottle" / e["image"]), image, box)
         for other in ("s7", "base"):
             changed = png(workdir / other / "bottle" / e["image"])
@@ -335,7 +340,9 @@ def test_processes_split_the_work(workdir):
 def test_killed_run_resumes_without_duplicates(workdir):
     in_process(random_box, "--classname", "bottle", "--num", 8, cwd=workdir)
     out = workdir / "out" / "bottle"
-    args = [str(REPO / "inpainting.py"), "--classname", "bottle", "--output", "out", "--batch_size", 1, "--resolution", "64", "--num_inference_steps", 50]
+    # On the CPU: a GPU would finish all 8 samples before the kill lands.
+    args = [str(REPO / "inpainting.py"), "--classname", "bottle", "--output", "out", "--batch_size", 1, "--resolution", "64", "--device", "cpu",
+            "--num_inference_steps", 50]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
