@@ -24,24 +24,35 @@ from .errors import UsageError, UserError
 MASK_METHODS = ("default", "official")
 
 
-def extract_mask(anomaly, normal, box, method="default", **options) -> np.ndarray:
+def extract_mask(anomaly, normal, box, method="default", reference=None, **options) -> np.ndarray:
     """Bool HxW mask of the defect: pixels inside `box` where `anomaly` differs from `normal`.
 
     anomaly, normal: uint8 HxWx3 (RGB) or HxW (grey) arrays of the same size; box: HxW mask, nonzero
     inside the box(es) (0/255 as written on disk). The result is always inside the box and empty when
-    nothing visible changed. `options` are the chosen method's keyword arguments.
+    nothing visible changed. reference: optional, the defect-free image after the generator's own
+    VAE round trip (`vae.decode(vae.encode(normal))`, same size): inside the box the generated
+    pixels come from the VAE decoder, so what the round trip alone explains is not a defect. The
+    default method takes a pixel as changed only when neither image explains it; the official
+    method compares with the reference instead of `normal`. `options` are the chosen method's
+    keyword arguments.
     """
     if method not in _METHODS:
         raise UsageError(f"--mask_method: unknown method {method!r}; choose one of {', '.join(MASK_METHODS)}")
     func = _METHODS[method]
-    allowed = [p for p in inspect.signature(func).parameters if p not in ("anomaly", "normal", "box")]
+    allowed = [p for p in inspect.signature(func).parameters if p not in ("anomaly", "normal", "box", "reference")]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise UsageError(f"mask method {method!r} has no option {', '.join(unknown)}; its options: {', '.join(allowed)}")
     anomaly, normal, box = _check_inputs(anomaly, normal, box)
+    if reference is not None:
+        reference = _as_image(reference, "reference")
+        if reference.shape[:2] != normal.shape[:2]:
+            raise UserError(f"reference image is {_size(reference)} but the defect-free image is {_size(normal)}; pass its VAE round trip at the same size")
+        if reference.ndim != normal.ndim:
+            anomaly, normal, reference = _rgb(anomaly), _rgb(normal), _rgb(reference)
     if not box.any():
         return np.zeros(box.shape, dtype=bool)
-    return func(anomaly, normal, box, **options) & box
+    return func(anomaly, normal, box, reference=reference, **options) & box
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,10 +186,12 @@ def _default(
     anomaly,
     normal,
     box,
+    reference=None,
     low=3.0,
     high=5.0,
     noise_factor=(4.0, 7.0),
     smooth=0.7,
+    chroma_smooth=3.0,
     blur_tolerance=(0.8, 1.2, 1.6),
     contrast_weight=16.0,
     contrast_tolerance=0.3,
@@ -208,6 +221,9 @@ def _default(
     raised to noise_factor x the typical score on the box's ring when that is noisier (noise
     estimate capped at 1.5 deltaE, so a defect covering the whole box still shows).
     smooth: Gaussian sigma (pixels at 512 px; all sizes scale with the image) on images and score.
+    chroma_smooth: the colour difference is also taken with the colour (a, b) channels smoothed
+    this much, and the smaller one counts: JPEG keeps colour at half resolution and the VAE's
+    latent at an eighth, so fine colour detail differs without a defect.
     blur_tolerance: candidate sigmas of the blurred copies; the one that best explains the ring is
     used (the blur of the round trip varies). max_bias: largest drift removed, per Lab channel.
     edge: a region's border sits where its score falls to this fraction of the score nearby, not
@@ -233,19 +249,11 @@ def _default(
     inside = box[y0:y1, x0:x1]
     ring = _ring(inside, max(2, round(3 * scale)))
     crop = (slice(y0, y1), slice(x0, x1))
-    score = _change_score(
-        anomaly[crop],
-        normal[crop],
-        inside,
-        ring,
-        scale,
-        smooth,
-        blur_tolerance,
-        contrast_weight,
-        contrast_tolerance,
-        (structure_weight, structure_sigma, structure_tolerance),
-        max_bias,
-    )
+    settings = (scale, (smooth, chroma_smooth), blur_tolerance, contrast_weight, contrast_tolerance, (structure_weight, structure_sigma, structure_tolerance), max_bias)
+    score = _change_score(anomaly[crop], normal[crop], inside, ring, *settings)
+    if reference is not None:
+        # Changed only where neither the defect-free image nor its round trip explains it.
+        score = np.minimum(score, _change_score(anomaly[crop], reference[crop], inside, ring, *settings))
 
     noise = min(float(np.median(score[ring])) if ring.any() else 0.0, 1.5)
     low, high = max(low, noise_factor[0] * noise), max(high, noise_factor[1] * noise)
@@ -283,20 +291,30 @@ def _change_score(
     anomaly, normal, inside, ring, scale, smooth, blur_tolerance, contrast_weight, contrast_tolerance, structure, max_bias
 ):
     """Per-pixel change score (deltaE units), 0 outside the box."""
-    a = _blur(_lab(anomaly), smooth * scale)
-    n = _blur(_lab(normal), smooth * scale)
+    smooth, chroma_smooth = smooth
+    a, n = _blur(_lab(anomaly), smooth * scale), _blur(_lab(normal), smooth * scale)
 
     # Colour/brightness change after removing the smooth drift, tolerant to a mild blur of either
     # image: the smallest difference over the blur levels, so a defocused copy scores low.
     a = a - _ring_bias(a - n, inside, ring, max_bias)
+    pairs = [(a, n)]
+    if a.ndim == 3 and chroma_smooth > smooth:
+        # Fine colour detail lost (JPEG, VAE) differs at the fine scale only; a changed colour at
+        # both. The smaller of the two keeps a thin tinted line thin.
+        coarse = [x.copy() for x in (a, n)]
+        for x in coarse:
+            x[..., 1:] = _blur(np.ascontiguousarray(x[..., 1:]), chroma_smooth * scale)
+        pairs.append(tuple(coarse))
     # The blur level is chosen on the ring: the smallest sigma that explains it (10% margin).
-    plain = _delta(a, n)
     best = None
     for sigma in np.atleast_1d(blur_tolerance):
-        diff = plain
-        if sigma > 0:
-            diff = np.minimum(diff, _delta(a, _blur(n, sigma * scale)))
-            diff = np.minimum(diff, _delta(_blur(a, sigma * scale), n))
+        diff = None
+        for x, y in pairs:
+            d = _delta(x, y)
+            if sigma > 0:
+                d = np.minimum(d, _delta(x, _blur(y, sigma * scale)))
+                d = np.minimum(d, _delta(_blur(x, sigma * scale), y))
+            diff = d if diff is None else np.minimum(diff, d)
         level = float(np.median(diff[ring])) if ring.any() else 0.0
         if best is None or level < 0.9 * best[0]:
             best = (level, diff, sigma)
@@ -340,7 +358,7 @@ def _structure_change(la, ln, sigma, tolerance):
 # official method
 
 
-def _official(anomaly, normal, box, min_fraction=0.1, crf=True, iterations=1, confidence=0.9):
+def _official(anomaly, normal, box, reference=None, min_fraction=0.1, crf=True, iterations=1, confidence=0.9):
     """The paper's algorithm, numerically corrected.
 
     1 - cosine similarity of the RGB vectors of each pixel, min-max normalised over the image,
@@ -359,6 +377,8 @@ def _official(anomaly, normal, box, min_fraction=0.1, crf=True, iterations=1, co
             raise UserError("--mask_method official needs the pydensecrf module: pip install pydensecrf2")
     from skimage.filters import threshold_otsu
 
+    if reference is not None:
+        normal = reference
     a = _rgb(anomaly).astype(np.float64)
     n = _rgb(normal).astype(np.float64)
     dot = np.einsum("hwc,hwc->hw", a, n)

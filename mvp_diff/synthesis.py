@@ -298,12 +298,26 @@ def paste_back(generated, good, box):
     return out
 
 
-def precise_mask(anomaly, good, box, settings: Settings):
+def vae_round_trips(pipe, images):
+    """The pipeline inputs' own VAE round trips (encode, decode), uint8 HxWx3: inside the box the
+    generated pixels come from the VAE decoder, so this, not the defect-free image, is what they
+    look like where nothing was painted (the mask's reference)."""
+    import torch
+
+    vae = pipe.vae
+    with torch.inference_mode():
+        pixels = pipe.image_processor.preprocess(list(images)).to(vae.device, vae.dtype)
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+    out = pipe.image_processor.postprocess(decoded.float(), output_type="np")
+    return [(np.clip(o, 0.0, 1.0) * 255.0).round().astype(np.uint8) for o in out]
+
+
+def precise_mask(anomaly, good, box, settings: Settings, reference=None):
     if not settings.extract_mask:
         return box.copy()
     from .masks import extract_mask
 
-    return extract_mask(anomaly, good, box.astype(np.uint8) * 255, method=settings.mask_method) & box
+    return extract_mask(anomaly, good, box.astype(np.uint8) * 255, method=settings.mask_method, reference=reference) & box
 
 
 # --- outputs and resume ----------------------------------------------------------------------------
@@ -447,10 +461,11 @@ def run_batch(pipe, size, samples, settings: Settings, out_dir: Path, classname)
     boxes = [load_box(s) for s in samples]
     inputs = [pipeline_inputs(g, b, size) for g, b in zip(goods, boxes)]
     generated = generate(pipe, [s.prompt for s in samples], [i for i, _ in inputs], [m for _, m in inputs], [s.seed for s in samples], size, settings)
+    references = vae_round_trips(pipe, [i for i, _ in inputs]) if settings.extract_mask else [None] * len(samples)
     entries = []
-    for sample, good, box, gen in zip(samples, goods, boxes, generated):
+    for sample, good, box, gen, ref in zip(samples, goods, boxes, generated, references):
         image = paste_back(gen, good, box)
-        mask = precise_mask(image, good, box, settings)
+        mask = precise_mask(image, good, box, settings, None if ref is None else paste_back(ref, good, box))
         entries.append(write_sample(out_dir, sample, image, mask, box, settings, classname))
     return entries
 

@@ -110,7 +110,8 @@ def test_vae_like_differences_alone_give_empty_mask(colour, seed):
 
 def test_thin_scratch_is_not_fattened():
     """A 3 px line: its blurred profile never reaches a plateau, so a half-maximum border would sit
-    outside it; the mask should hug the line (the earlier border gave a mean IoU of 0.85 here)."""
+    outside it; the mask should hug the line (the earlier border gave a mean IoU of 0.85 here; the
+    tolerance for lost fine colour detail costs the tinted line a little: 0.89 -> 0.85)."""
     ious = []
     for colour, look in [(True, "darker"), (True, "tinted"), (False, "brighter"), (False, "darker")]:
         normal = texture(20, colour)
@@ -120,7 +121,7 @@ def test_thin_scratch_is_not_fattened():
         mask = extract_mask(vae_like(paint(normal, line, look), 21), normal, BOX)
         assert mask.sum() < 1.2 * line.sum(), (colour, look)
         ious.append(iou(mask, line))
-    assert min(ious) > 0.85 and np.mean(ious) > 0.88, ious
+    assert min(ious) > 0.83 and np.mean(ious) > 0.87, ious
 
 
 @pytest.mark.parametrize("colour", [True, False])
@@ -232,12 +233,97 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_benchmark_script_runs():
-    args = ("--num", 3, "--size", 128, "--official_num", 1)
-    proc = run_script("benchmarks/mask_precision.py", *args, cwd=REPO, timeout=120)
+    args = ("--num", 2, "--size", 128, "--official_num", 1)
+    proc = run_script("benchmarks/mask_precision.py", *args, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "with the painted shape" in proc.stdout and "with the changed pixels" in proc.stdout
-    assert proc.stdout.count("| all ") == 2 and "ms per image" in proc.stdout
-    assert "official*" in proc.stdout and "official* ran on the first 1 pairs only" in proc.stdout
+    for split in ("tune", "held-out"):
+        assert f"[{split}] mean IoU with the painted shape" in proc.stdout
+        assert f"[{split}] mean IoU with the changed pixels" in proc.stdout
+    assert proc.stdout.count("| all ") == 4 and "ms per image" in proc.stdout
+    assert "official* ran on the first 1 pairs only" in proc.stdout
+    assert "HEADLINE (held-out" in proc.stdout and "default+ref" in proc.stdout
+    assert "the reference operation" in proc.stdout
+
+
+def jpeg(img, quality):
+    """The image through JPEG at `quality` (grey stays grey)."""
+    _, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+
+
+@pytest.mark.parametrize("source", ["colour", "grey", "grey-rgb"])
+def test_jpeg_artifacts_alone_give_empty_mask(source):
+    """A generated image saved as JPEG (blocks, ringing, colour at half resolution) over a round
+    trip: no defect. The colour image has a photograph's colour: smoother than its brightness."""
+    grey = texture(41, colour=False)
+    normal = {
+        "colour": np.clip(grey[..., None] * np.float32([1.1, 0.9, 0.75]), 0, 255).astype(np.uint8),
+        "grey": grey,
+        "grey-rgb": np.repeat(grey[..., None], 3, axis=2),
+    }[source]
+    inside = BOX > 0 if normal.ndim == 2 else (BOX > 0)[..., None]
+    for seed, quality in [(42, 90), (43, 75), (44, 60)]:
+        anomaly = np.where(inside, jpeg(vae_like(normal, seed), quality), normal)
+        assert not extract_mask(anomaly, normal, BOX).any(), quality
+
+
+def test_jpeg_of_pixel_scale_colour_noise():
+    """Independent colour noise per pixel (colour detail a photograph rarely has) survives JPEG at
+    quality 90 without a mask; lower qualities erase it, and that is then marked."""
+    normal = texture(41)
+    anomaly = np.where((BOX > 0)[..., None], jpeg(vae_like(normal, 42), 90), normal)
+    assert not extract_mask(anomaly, normal, BOX).any()
+
+
+def strong_round_trip(img, seed, sigma):
+    """A round trip that blurs more than the method tolerates without a reference, inside the box."""
+    rng = np.random.default_rng(seed)
+    f = cv2.GaussianBlur(img.astype(np.float32), (0, 0), sigma) + rng.normal(0, 2.0, img.shape)
+    f = np.clip(np.round(f), 0, 255).astype(np.uint8)
+    return np.where(BOX > 0 if img.ndim == 2 else (BOX > 0)[..., None], f, img)
+
+
+@pytest.mark.parametrize("colour", [True, False])
+def test_reference_explains_the_round_trip(colour):
+    """With the defect-free image's own round trip as reference, what the round trip alone did is not
+    a defect (without it, a 2 px blur of a texture is), and a painted defect is still found."""
+    normal = texture(40, colour)
+    reference = strong_round_trip(normal, 2, 2.0)
+    alone = strong_round_trip(normal, 1, 2.0)
+    assert extract_mask(alone, normal, BOX).sum() > 500  # why the reference is needed
+    assert not extract_mask(alone, normal, BOX, reference=reference).any()
+    truth = disc(r=20)
+    anomaly = strong_round_trip(paint(normal, truth, "darker"), 3, 2.0)
+    assert iou(extract_mask(anomaly, normal, BOX, reference=reference), truth) > 0.85
+    # grey reference with RGB images, and the reference's size checked
+    grey = reference if reference.ndim == 2 else cv2.cvtColor(reference, cv2.COLOR_RGB2GRAY)
+    assert extract_mask(anomaly, normal, BOX, reference=grey).shape == BOX.shape
+    with pytest.raises(UserError, match="reference image is 200x256"):
+        extract_mask(anomaly, normal, BOX, reference=reference[:, :200])
+
+
+def test_official_method_compares_with_the_reference():
+    normal = texture(12)
+    anomaly = vae_like(paint(normal, disc(r=25), "tinted"), 13)
+    reference = vae_like(normal, 14)
+    with_ref = extract_mask(anomaly, normal, BOX, method="official", crf=False, reference=reference)
+    assert np.array_equal(with_ref, extract_mask(anomaly, reference, BOX, method="official", crf=False))
+
+
+def test_stage3_reference_is_the_vae_round_trip(tiny_checkpoint):
+    """Stage 3's reference: each pipeline input through the pipeline's own VAE, at the input's size."""
+    from PIL import Image
+
+    from mvp_diff.synthesis import load_pipeline, vae_round_trips
+
+    pipe = load_pipeline(tiny_checkpoint)
+    images = [Image.fromarray(texture(s, size=64)) for s in (50, 51)]
+    trips = vae_round_trips(pipe, images)
+    assert [t.shape for t in trips] == [(64, 64, 3)] * 2 and all(t.dtype == np.uint8 for t in trips)
+    assert not np.array_equal(trips[0], trips[1])  # one round trip per image, in order
+    again = vae_round_trips(pipe, images[1:])
+    # deterministic (the latent mode, no sampling); batched or not differs by float rounding only
+    assert np.abs(again[0].astype(int) - trips[1]).max() <= 1
 
 
 def test_structure_term_sees_lost_texture_not_mild_blur_or_brightness_edges():
