@@ -49,6 +49,7 @@ from mvp_diff.dataset import list_classes, load_class
 from mvp_diff.demo_data import build_demo_dataset
 from mvp_diff.errors import UsageError, UserError, cli
 from mvp_diff.evaluation.data import Sample, real_split
+from mvp_diff.evaluation.segmentation import PairDataset
 from mvp_diff.files import (
     atomic_write_json,
     atomic_write_text,
@@ -171,7 +172,7 @@ def train_job(job):
     """One (class, seed, label) run of the evaluation's training and test; cached as JSON."""
     import torch
 
-    from mvp_diff.evaluation.segmentation import PairDataset, TrainConfig, run_setting
+    from mvp_diff.evaluation.segmentation import TrainConfig, run_setting
 
     torch.set_num_threads(1)
     path = Path(job["path"])
@@ -212,10 +213,10 @@ def summarise(results, classes, seeds):
     return table
 
 
-def report(args, table, label_ious, seeds, seconds):
+def report(args, table, label_ious, chance, seeds, seconds):
     lines = [f"Seeds {', '.join(map(str, seeds))}; mean ± sample standard deviation over seeds, in %."]
     for group, by_label in table.items():
-        lines += ["", f"**{group}**" + ("" if group == "overall" else " (mask IoU of each label with the true mask, mean over pairs and seeds: "
+        lines += ["", f"**{group}**" + ("" if group == "overall" else f" (chance pixel AP = defect share of test pixels: {100 * chance[group]:.1f}; mask IoU of each label with the true mask, mean over pairs and seeds: "
                                                                           + ", ".join(f"{lab} {np.mean(label_ious[group][lab]):.2f}" for lab in LABELS) + ")"), ""]
         lines += ["| label | " + " | ".join(name for _, name in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
         for lab in LABELS:
@@ -223,7 +224,8 @@ def report(args, table, label_ious, seeds, seconds):
         gaps, diffs = [], []
         for m, name in METRICS:
             t, p, b = (np.array(by_label[lab][m]) for lab in ("true", "precise", "box"))
-            gaps.append(f"{name} {gap_closed(t.mean(), p.mean(), b.mean()):+.2f}")
+            gap = gap_closed(t.mean(), p.mean(), b.mean())
+            gaps.append(f"{name} " + ("n/a (true not above box)" if math.isnan(gap) else f"{gap:+.2f}"))
             diffs.append(f"{name} {_cell(p - b)}")
         lines += ["", "precise - box, paired by seed: " + ", ".join(diffs), "", "gap closed (precise - box) / (true - box), from the means: " + ", ".join(gaps)]
     ranks = []
@@ -293,7 +295,8 @@ def main(argv=None):
         done = list(pool.map(train_job, jobs))
     results = {(j["classname"], j["train"]["seed"], j["label"]): r for j, r in zip(jobs, done)}
     table = summarise(results, classes, args.seeds)
-    text = report(args, table, label_ious, args.seeds, time.time() - start)
+    chance = {c: float(PairDataset(real_split(args.dataset, c, args.mask_suffix).test_set(), args.image_size).masks.mean()) for c in classes}
+    text = report(args, table, label_ious, chance, args.seeds, time.time() - start)
     steps = done[0]["selection"]["steps"]
     text += (f"\n\n{steps} steps per run ({args.epochs} epochs), {args.image_size} px, base channels {args.base_channels}, batch {args.batch_size}, learning rate {args.learning_rate:g}, "
              f"{args.num_pairs} pairs per class and seed. Machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
