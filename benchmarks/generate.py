@@ -165,30 +165,11 @@ def overlap_section(args, device):
 
 def full_size_pipeline(device, dtype):
     """SD-1.5 inpainting architecture with random weights (UNet 859.5 M, VAE 83.7 M, CLIP-L text 123.1 M)."""
-    import tempfile
+    from diffusers import StableDiffusionInpaintPipeline
 
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from benchmarks.full_size import components
 
-    from mvp_diff.checkpoint import SD15_SCHEDULER, _tiny_vocab_files, tiny_words
-
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=9, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768, attention_head_dim=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512, scaling_factor=0.18215,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu"))
-    with tempfile.TemporaryDirectory() as tmp:  # the tiny BPE vocabulary: ids only, speed is the same
-        _tiny_vocab_files(Path(tmp), tiny_words())
-        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
-    pipe = StableDiffusionInpaintPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                          scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None,
-                                          feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionInpaintPipeline(**components(safety_vision=None), requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype)
 

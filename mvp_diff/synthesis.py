@@ -16,13 +16,13 @@ the batch size, the number of processes, or which other samples run.
 
 import hashlib
 import json
-import queue
 import re
 import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Queue
 
 import cv2
 import numpy as np
@@ -480,7 +480,7 @@ class SampleWriter:
     def __init__(self, finish, workers=WRITE_WORKERS, max_pending=4):
         self.finish = finish
         self.failure = None  # (sample, exception) of the first failed write
-        self.queue = queue.Queue(maxsize=max(1, max_pending))
+        self.queue = Queue(maxsize=max(1, max_pending))
         self.threads = [threading.Thread(target=self._work, name=f"sample-writer-{i}", daemon=True) for i in range(workers)]
         for thread in self.threads:
             thread.start()
@@ -576,9 +576,10 @@ def resolve_device(device=None, dtype="auto"):
 
 
 def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=None, device=None, dtype="auto", overwrite=False,
-               write_workers=WRITE_WORKERS):
+               write_workers=WRITE_WORKERS, pipe=None):
     """Generate every selected sample not yet done; returns (PartialState, OUTPUT/CLASS, manifest entries).
-    `write_workers` threads finish samples while the next batch generates (0: one after another)."""
+    `write_workers` threads finish samples while the next batch generates (0: one after another);
+    `pipe`: a pipeline load_pipeline already returned for these settings (benchmarks time runs without loading)."""
     from tqdm.auto import tqdm
 
     from .dataset import class_dir
@@ -606,7 +607,7 @@ def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=Non
     if state.is_main_process:
         print(f"{len(samples) - len(pending)} of {len(samples)} samples already done; generating {len(pending)} on {state.num_processes} process(es)", flush=True)
     if mine:
-        pipe = load_pipeline(settings.checkpoint, device, torch_dtype, settings.lora, settings.lora_scale)
+        pipe = pipe or load_pipeline(settings.checkpoint, device, torch_dtype, settings.lora, settings.lora_scale)
         bar = tqdm(total=len(mine), desc=f"inpainting {classname}", disable=not state.is_main_process)
         written = time.monotonic()
 
