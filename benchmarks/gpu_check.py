@@ -261,7 +261,7 @@ def main(argv=None):
                 part_multi_gpu(args, results, checkpoint)
             else:
                 part_generation(args, results, checkpoint)
-        except Exception as err:  # one part failing must not lose the others' figures
+        except (Exception, SystemExit) as err:  # one part failing must not lose the others' figures
             results["errors"][part] = f"{err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             print(f"{part} failed: {results['errors'][part]}", file=sys.stderr, flush=True)
         print(f"{part}: {time.perf_counter() - start:.0f} s", flush=True)

@@ -480,6 +480,7 @@ class SampleWriter:
     def __init__(self, finish, workers=WRITE_WORKERS, max_pending=4):
         self.finish = finish
         self.failure = None  # (sample, exception) of the first failed write
+        self.stopping = False  # the main thread stopped: queued samples are dropped
         self.queue = Queue(maxsize=max(1, max_pending))
         self.threads = [threading.Thread(target=self._work, name=f"sample-writer-{i}", daemon=True) for i in range(workers)]
         for thread in self.threads:
@@ -487,22 +488,22 @@ class SampleWriter:
 
     def _work(self):
         while (job := self.queue.get()) is not None:
-            if self.failure is None:  # after a failure the rest is dropped: the run stops anyway
+            if self.failure is None and not self.stopping:  # after a failure the run stops anyway
                 try:
                     self.finish(*job)
-                except BaseException as err:  # re-raised in the main thread
+                except Exception as err:  # re-raised in the main thread
                     self.failure = self.failure or (job[0], err)
 
     def submit(self, sample, *args):
         self.check()
         if self.threads:
             self.queue.put((sample, *args))
-        else:
-            try:
-                self.finish(sample, *args)
-            except BaseException as err:
-                self.failure = (sample, err)
-                self.check()
+            return
+        try:
+            self.finish(sample, *args)
+        except Exception as err:
+            self.failure = (sample, err)
+            self.check()
 
     def check(self):
         if self.failure is None:
@@ -517,8 +518,7 @@ class SampleWriter:
 
     def close(self, drop_pending=False):
         """Wait for the queued samples (or drop them) and stop the threads; raises the first failure."""
-        if drop_pending:
-            self.failure = self.failure or (None, None)  # makes the workers skip what is queued
+        self.stopping = drop_pending
         for _ in self.threads:
             self.queue.put(None)
         for thread in self.threads:
