@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mvp_diff.cli_args import add_dataset_args
 from mvp_diff.errors import UsageError, cli
-from mvp_diff.synthesis import Settings, synthesize
+from mvp_diff.synthesis import WRITE_WORKERS, Settings, synthesize
 
 
 def str2bool(value):
@@ -58,10 +58,14 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available; one GPU per process under accelerate launch)")
     parser.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="weights and activations (default: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--overwrite", action="store_true", help="delete this class's earlier outputs and start over")
+    parser.add_argument("--write_workers", type=int, default=WRITE_WORKERS,
+                        help=f"threads that paste back, extract masks and write samples while the next batch generates (default: {WRITE_WORKERS}; 0: after each batch)")
     args = parser.parse_args(argv)
     for flag, value in (("--num_inference_steps", args.num_inference_steps), ("--batch_size", args.batch_size), ("--resolution", args.resolution)):
         if value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.write_workers < 0:
+        raise UsageError(f"--write_workers must be >= 0, got {args.write_workers}")
     if args.resolution % 8:
         raise UsageError(f"--resolution must be a multiple of 8, got {args.resolution}")
     if not 0 < args.strength <= 1:
@@ -90,7 +94,7 @@ def main(argv=None):
         skip_empty=args.skip_empty,
     )
     state, out_dir, entries = synthesize(args.classname, args.dataset, args.mask_dir, args.output, settings, args.num, args.device, args.dtype, args.overwrite,
-                                        args.local_files_only)
+                                        args.local_files_only, args.write_workers)
     if state.is_main_process:
         empty = sum("empty_mask" in e["flags"] for e in entries)
         what = f"precise masks ({args.mask_method})" if args.extract_mask else "box masks (no --extract_mask)"

@@ -27,7 +27,8 @@ def child(args):
 
     import torch
 
-    from benchmarks.train_step import SD15_TEXT, SD15_UNET, SD15_VAE, lora_step
+    from benchmarks.full_size import SD15_TEXT, SD15_UNET, SD15_VAE
+    from benchmarks.train_step import grad_scaler, lora_step
     from mvp_diff.training import prepare_lora_unet
 
     if args.threads:
@@ -47,7 +48,7 @@ def child(args):
     unet.to(device) if dtype == torch.float32 else unet.to(device, dtype)
     encoders = []
     if args.with_encoders:
-        encoders = [AutoencoderKL(**SD15_VAE).to(device, dtype), CLIPTextModel(CLIPTextConfig(vocab_size=49408, **SD15_TEXT)).to(device, dtype)]
+        encoders = [AutoencoderKL(**SD15_VAE).to(device, dtype), CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).to(device, dtype)]
     params = prepare_lora_unet(unet, args.rank, args.gradient_checkpointing)
     unet.train()
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -55,6 +56,7 @@ def child(args):
     build_s = time.perf_counter() - started
     rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     autocast = torch.autocast(device.type, dtype) if args.mixed_precision != "no" else torch.autocast(device.type, enabled=False)
+    scaler = grad_scaler(args.mixed_precision, device)
 
     size, b = args.resolution // 8, args.batch_size
     g = torch.Generator().manual_seed(0)
@@ -67,7 +69,7 @@ def child(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        loss = lora_step(unet, scheduler, batch, params, optimizer, autocast)
+        loss = lora_step(unet, scheduler, batch, params, optimizer, autocast, scaler)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)

@@ -5,16 +5,19 @@ and records.
 
     python benchmarks/train_step.py                                 # tiny and mid-size models, 256 px
     python benchmarks/train_step.py --models mid --resolution 512 --batch_size 2
-    python benchmarks/train_step.py --models full --device cuda --mixed_precision fp16 --batch_size 6
+    python benchmarks/train_step.py --models full --device cuda --mixed_precision fp16 --batch_size 6 --resolution 512
 
 Models (random weights, nothing downloaded): `tiny` is the tests' checkpoint; `mid` a scaled-down SD
 (UNet blocks 128/256/256, VAE blocks 64/128/128/128, 6-layer 512-wide text encoder); `full` the SD-1.5
 inpainting architecture (GPU). The re-encoding loop gets its images already decoded and resized in
 memory, so only the VAE and text-encoder work counts against it. Both loops run the same LoRA
-forward/backward/AdamW step; timings are interleaved and the median counts.
+forward/backward/AdamW step, with fp16 through a gradient scaler as accelerate does in training;
+timings are interleaved and the median counts. On CUDA each loop's peak memory
+(torch.cuda.max_memory_allocated, all models resident as in training) is reported too.
 """
 
 import argparse
+import json
 import platform
 import statistics
 import sys
@@ -27,28 +30,38 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.full_size import SD15_TEXT, SD15_UNET, SD15_VAE  # noqa: E402
 from mvp_diff.latent_cache import ExampleImages, build_latent_cache  # noqa: E402
 from mvp_diff.training import SampleStream, diffusion_loss, prepare_lora_unet  # noqa: E402
 
 WORK = REPO / "benchmarks" / "_work" / "training"
 
 
-def lora_step(unet, scheduler, batch, params, optimizer, autocast):
-    """One LoRA optimisation step as train_diffusion.py takes it (min-SNR loss, clipping, AdamW); the loss."""
+def lora_step(unet, scheduler, batch, params, optimizer, autocast, scaler=None):
+    """One LoRA optimisation step as train_diffusion.py takes it (min-SNR loss, clipping, AdamW; with
+    fp16 the loss scaling accelerate applies: scale, unscale before clipping, skip steps with inf
+    gradients); the loss."""
     with autocast:
         loss = diffusion_loss(unet, scheduler, batch, snr_gamma=10)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
     optimizer.zero_grad()
     return loss.detach()
 
-SD15_UNET = dict(in_channels=9, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
-                 attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, sample_size=64)
-SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512, scaling_factor=0.18215)
-SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77, projection_dim=768)
+
+def grad_scaler(mixed_precision, device):
+    """The gradient scaler of an fp16 run (accelerate makes the same one), else None."""
+    return torch.amp.GradScaler(device.type) if mixed_precision == "fp16" else None
+
+
 MID_UNET = dict(in_channels=9, out_channels=4, layers_per_block=2, block_out_channels=(128, 256, 256), cross_attention_dim=512, attention_head_dim=8,
                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), sample_size=32)
@@ -82,8 +95,8 @@ def build_models(name):
     else:
         unet_cfg, vae_cfg, text_cfg = (SD15_UNET, SD15_VAE, SD15_TEXT) if name == "full" else (MID_UNET, MID_VAE, MID_TEXT)
         unet, vae = UNet2DConditionModel(**unet_cfg), AutoencoderKL(**vae_cfg)
-        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                                    pad_token_id=tokenizer.pad_token_id, **text_cfg))
+        ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**{**ids, **text_cfg}))
     return unet, vae, text_encoder, tokenizer, scheduler
 
 
@@ -114,6 +127,7 @@ def bench(name, args):
     unet.train()
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     autocast = torch.autocast(device.type, dtype) if args.mixed_precision != "no" else torch.autocast(device.type, enabled=False)
+    scaler = grad_scaler(args.mixed_precision, device)
 
     data = records()
     started = time.perf_counter()
@@ -128,7 +142,7 @@ def bench(name, args):
     ids = tokenizer([d[3] for d in data], max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids
 
     def optimize(batch):
-        lora_step(unet, scheduler, {k: v.to(device) for k, v in batch.items()}, params, optimizer, autocast)
+        lora_step(unet, scheduler, {k: v.to(device) for k, v in batch.items()}, params, optimizer, autocast, scaler)
 
     def cached_step(m):
         optimize(stream.batch(cache, m, 0, args.batch_size))
@@ -146,14 +160,18 @@ def bench(name, args):
         optimize(dict(latents=latents.float(), masked_latents=masked_latents.float(), mask=F.interpolate(mask.float(), size=shape[-2:]),
                       text=text.float(), noise=torch.randn(shape, generator=g), timesteps=torch.randint(0, 1000, (shape[0],), generator=g)))
 
+    peaks = {cached_step: 0.0, reencode_step: 0.0}  # GiB, CUDA only
+
     def timed(step, m):
         if device.type == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         for i in range(args.steps):
             step(m + i)
         if device.type == "cuda":
             torch.cuda.synchronize()
+            peaks[step] = max(peaks[step], torch.cuda.max_memory_allocated() / 2**30)
         return (time.perf_counter() - t) / args.steps
 
     cached_step(0), reencode_step(0)  # warm-up
@@ -163,7 +181,9 @@ def bench(name, args):
         reencoded.append(timed(reencode_step, 1 + (2 * r + 1) * args.steps))
     count = lambda model: sum(p.numel() for p in model.parameters()) / 1e6  # noqa: E731
     return dict(model=name, unet=count(unet), vae=count(vae), text=count(text_encoder), records=len(data), cache_s=cache_seconds,
-                cached=statistics.median(cached), reencode=statistics.median(reencoded))
+                cached=statistics.median(cached), reencode=statistics.median(reencoded),
+                cached_peak_gib=peaks[cached_step] if device.type == "cuda" else None,
+                reencode_peak_gib=peaks[reencode_step] if device.type == "cuda" else None)
 
 
 def main(argv=None):
@@ -177,6 +197,7 @@ def main(argv=None):
     p.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,10 +205,18 @@ def main(argv=None):
           f"{args.resolution} px, batch {args.batch_size}, {args.mixed_precision}, gradient checkpointing {args.gradient_checkpointing}")
     print("| model | UNet / VAE / text (M params) | cache (one-time, s) | cached step (s) | re-encode step (s) | speed-up |")
     print("|---|---|---:|---:|---:|---:|")
+    results = []
     for name in args.models:
         r = bench(name, args)
+        results.append(r)
         print(f"| {r['model']} | {r['unet']:.1f} / {r['vae']:.1f} / {r['text']:.1f} | {r['cache_s']:.2f} ({r['records']} records) | "
               f"{r['cached']:.3f} | {r['reencode']:.3f} | {r['reencode'] / r['cached']:.2f}x |", flush=True)
+        if r["cached_peak_gib"] is not None:
+            print(f"  peak GPU memory (max_memory_allocated): cached {r['cached_peak_gib']:.2f} GiB, re-encode {r['reencode_peak_gib']:.2f} GiB", flush=True)
+    if args.json:
+        settings = {k: getattr(args, k) for k in ("resolution", "batch_size", "steps", "repeats", "device", "mixed_precision", "gradient_checkpointing")}
+        Path(args.json).write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
+    return results
 
 
 if __name__ == "__main__":

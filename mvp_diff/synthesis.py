@@ -18,9 +18,11 @@ import hashlib
 import json
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Queue
 
 import cv2
 import numpy as np
@@ -35,6 +37,7 @@ from .files import atomic_write_json, atomic_write_jsonl, image_size, read_image
 SAMPLES_DIR = ".samples"
 SETTINGS = "settings.json"
 MANIFEST_EVERY = 30.0  # seconds between manifest rewrites during a run
+WRITE_WORKERS = 4  # threads finishing samples while the next batch generates (0: in the main thread)
 # Settings that change what a sample looks like; a folder never mixes two of them.
 SETTING_KEYS = ("checkpoint", "lora", "lora_sha256", "lora_scale", "num_inference_steps", "guidance_scale", "strength", "resolution", "seeds", "extract_mask", "mask_method")
 
@@ -456,18 +459,90 @@ def batches(samples, batch_size, resolution):
     return sorted(out, key=lambda b: b[1][0].index)
 
 
-def run_batch(pipe, size, samples, settings: Settings, out_dir: Path, classname):
+def finish_sample(out_dir: Path, sample: Sample, good, box, generated, settings: Settings, classname, reference=None):
+    """Everything after the pipeline call: paste-back, precise mask, the sample's files and entry.
+    `reference`: the defect-free image's VAE round trip (see vae_round_trips), or None."""
+    image = paste_back(generated, good, box)
+    mask = precise_mask(image, good, box, settings, None if reference is None else paste_back(reference, good, box))
+    return write_sample(out_dir, sample, image, mask, box, settings, classname)
+
+
+class SampleWriter:
+    """Runs `finish` (finish_sample) on `workers` threads while the main thread generates the next
+    batch: the GPU no longer waits for paste-back, mask extraction, PNG encoding and fsyncs. The
+    queue holds at most `max_pending` samples, so a killed run loses only the samples in flight (each
+    sample's entry is still written last). The first failure stops the writers and is raised in the
+    main thread at its next submit() or at close(). workers=0 finishes each sample in the main thread."""
+
+    def __init__(self, finish, workers=WRITE_WORKERS, max_pending=4):
+        self.finish = finish
+        self.failure = None  # (sample, exception) of the first failed write
+        self.stopping = False  # the main thread stopped: queued samples are dropped
+        self.queue = Queue(maxsize=max(1, max_pending))
+        self.threads = [threading.Thread(target=self._work, name=f"sample-writer-{i}", daemon=True) for i in range(workers)]
+        for thread in self.threads:
+            thread.start()
+
+    def _work(self):
+        while (job := self.queue.get()) is not None:
+            if self.failure is None and not self.stopping:  # after a failure the run stops anyway
+                try:
+                    self.finish(*job)
+                except Exception as err:  # re-raised in the main thread
+                    self.failure = self.failure or (job[0], err)
+
+    def submit(self, sample, *args):
+        self.check()
+        if self.threads:
+            self.queue.put((sample, *args))
+            return
+        try:
+            self.finish(sample, *args)
+        except Exception as err:
+            self.failure = (sample, err)
+            self.check()
+
+    def check(self):
+        if self.failure is None:
+            return
+        sample, err = self.failure
+        if isinstance(err, UserError):
+            raise err
+        if isinstance(err, OSError):  # disk full, permissions, a file where a folder should be
+            raise UserError(f"writing sample {sample.defect_type}/{sample.name} failed ({err.__class__.__name__}: {err}); "
+                            f"generation stopped; fix that and rerun to resume") from err
+        raise RuntimeError(f"writing sample {sample.defect_type}/{sample.name} failed") from err
+
+    def close(self, drop_pending=False):
+        """Wait for the queued samples (or drop them) and stop the threads; raises the first failure."""
+        self.stopping = drop_pending
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join()
+        if not drop_pending:
+            self.check()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(drop_pending=exc_type is not None)
+
+
+def run_batch(pipe, size, samples, settings: Settings, out_dir: Path, classname, writer: SampleWriter = None):
+    """Generate one batch and hand each sample to `writer` (finished here when None)."""
     goods = [load_good(s) for s in samples]
     boxes = [load_box(s) for s in samples]
     inputs = [pipeline_inputs(g, b, size) for g, b in zip(goods, boxes)]
     generated = generate(pipe, [s.prompt for s in samples], [i for i, _ in inputs], [m for _, m in inputs], [s.seed for s in samples], size, settings)
+    # The VAE round trips run here, on the pipeline's device; the writer threads only do CPU work.
     references = vae_round_trips(pipe, [i for i, _ in inputs]) if settings.extract_mask else [None] * len(samples)
-    entries = []
     for sample, good, box, gen, ref in zip(samples, goods, boxes, generated, references):
-        image = paste_back(gen, good, box)
-        mask = precise_mask(image, good, box, settings, None if ref is None else paste_back(ref, good, box))
-        entries.append(write_sample(out_dir, sample, image, mask, box, settings, classname))
-    return entries
+        if writer is None:
+            finish_sample(out_dir, sample, good, box, gen, settings, classname, ref)
+        else:
+            writer.submit(sample, good, box, gen, ref)
 
 
 # --- the whole stage -------------------------------------------------------------------------------
@@ -500,8 +575,10 @@ def resolve_device(device=None, dtype="auto"):
 
 
 def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=None, device=None, dtype="auto", overwrite=False,
-               local_files_only=False):
-    """Generate every selected sample not yet done; returns (PartialState, OUTPUT/CLASS, manifest entries)."""
+               local_files_only=False, write_workers=WRITE_WORKERS, pipe=None):
+    """Generate every selected sample not yet done; returns (PartialState, OUTPUT/CLASS, manifest entries).
+    `write_workers` threads finish samples while the next batch generates (0: one after another);
+    `pipe`: a pipeline load_pipeline already returned for these settings (benchmarks time runs without loading)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -531,17 +608,22 @@ def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=Non
     if state.is_main_process:
         print(f"{len(samples) - len(pending)} of {len(samples)} samples already done; generating {len(pending)} on {state.num_processes} process(es)", flush=True)
     if mine:
-        pipe = load_pipeline(settings.checkpoint, device, torch_dtype, settings.lora, settings.lora_scale)
+        pipe = pipe or load_pipeline(settings.checkpoint, device, torch_dtype, settings.lora, settings.lora_scale)
         bar = tqdm(total=len(mine), desc=f"inpainting {classname}", disable=not state.is_main_process)
         written = time.monotonic()
-        for size, batch in batches(mine, settings.batch_size, settings.resolution):
-            run_batch(pipe, size, batch, settings, out_dir, classname)
-            # The per-sample entries are what resuming relies on; the manifest follows them at most
-            # MANIFEST_EVERY seconds late (rewriting it after every batch would cost O(N^2)).
-            if state.is_main_process and time.monotonic() - written > MANIFEST_EVERY:
-                rebuild_manifest(out_dir)
-                written = time.monotonic()
-            bar.update(len(batch))
+
+        def finish(sample, good, box, generated, reference):
+            finish_sample(out_dir, sample, good, box, generated, settings, classname, reference)
+
+        with SampleWriter(finish, write_workers, max_pending=settings.batch_size) as writer:
+            for size, batch in batches(mine, settings.batch_size, settings.resolution):
+                run_batch(pipe, size, batch, settings, out_dir, classname, writer)
+                # The per-sample entries are what resuming relies on; the manifest follows them at most
+                # MANIFEST_EVERY seconds late (rewriting it after every batch would cost O(N^2)).
+                if state.is_main_process and time.monotonic() - written > MANIFEST_EVERY:
+                    rebuild_manifest(out_dir)
+                    written = time.monotonic()
+                bar.update(len(batch))
         bar.close()
     state.wait_for_everyone()
     entries = rebuild_manifest(out_dir) if state.is_main_process else []

@@ -375,6 +375,32 @@ def test_killed_run_resumes_without_duplicates(workdir):
     assert len(manifest(out)) == 8 and json.loads((out / ".samples" / "settings.json").read_text())["num_inference_steps"] == 10
 
 
+def test_writing_while_generating_gives_the_same_outputs(workdir):
+    """Samples finished by writer threads during generation are byte for byte those finished in turn."""
+    in_process(random_box, "--classname", "bottle", "--num", 6, cwd=workdir)
+    args = ["--classname", "bottle", "--extract_mask", "--batch_size", 2, *FAST]
+    in_process(inpainting, *args, "--write_workers", 0, "--output", "sequential", cwd=workdir)
+    in_process(inpainting, *args, "--write_workers", 3, "--output", "pipelined", cwd=workdir)
+    sequential, pipelined = workdir / "sequential" / "bottle", workdir / "pipelined" / "bottle"
+    files = sorted(p.relative_to(sequential) for p in sequential.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(pipelined) for p in pipelined.rglob("*") if p.is_file())
+    assert len(manifest(pipelined)) == 6 and len([f for f in files if f.parts[0] == "test"]) == 6
+    for f in files:
+        assert (sequential / f).read_bytes() == (pipelined / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_failed_write_stops_the_run_with_one_line(workdir, workers):
+    in_process(random_box, "--classname", "bottle", "--num", 6, cwd=workdir)
+    out = workdir / "out" / "bottle"
+    out.mkdir(parents=True)
+    (out / "ground_truth").write_text("a file where the mask folder goes")
+    proc = run_script("inpainting.py", "--classname", "bottle", "--output", "out", "--batch_size", 1, "--write_workers", workers, *FAST, cwd=workdir)
+    assert_user_error(proc, 1, "writing sample", "ground_truth", "rerun to resume")
+    assert len([line for line in proc.stderr.splitlines() if "error" in line]) == 1, proc.stderr
+    assert not list((out / ".samples").glob("[0-9]*.json")), "no sample counts as done"
+
+
 def test_empty_masks_are_flagged_or_skipped(tmp_path):
     good = tmp_path / "good.png"
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(good)
