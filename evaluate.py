@@ -4,7 +4,7 @@ IoU a downstream segmentation model reaches with them.
     python evaluate.py --classname bottle --dataset ./dataset --generated ./output/dataset/image --out ./output/evaluation
 
 --generated is Stage 3's output (GENERATED/CLASS/test/DEFECT/NNN.png with ground_truth/DEFECT/
-NNN_mask.png and the box mask bbox/DEFECT/NNN_mask.png); any MVTec-layout folder of images and masks works. The
+NNN_mask.png, the box masks beside it in GENERATED/CLASS_boxes/DEFECT/NNN_mask.png); any MVTec-layout folder of images and masks works. The
 downstream model is trained four times with the same seed and steps: (a) real train-split anomalies,
 (b) (a) + generated pairs with their precise masks, (c) (a) + the same images with box masks,
 (d) (a) + DRAEM-style synthetic anomalies; it is selected on a validation split of the training side

@@ -6,7 +6,8 @@
 Reads random_box.py's MASK_DIR/CLASS/boxes.jsonl and box masks, the SD-1.5 inpainting checkpoint
 (--checkpoint_dir, a local diffusers folder) and Stage 2's LoRA (--lora_dir, default ./output/CLASS).
 Writes OUTPUT/CLASS/test/DEFECT/NNN.png, OUTPUT/CLASS/ground_truth/DEFECT/NNN_mask.png (the precise
-mask with --extract_mask, else the box), the box mask OUTPUT/CLASS/bbox/DEFECT/NNN_mask.png and OUTPUT/CLASS/manifest.jsonl.
+mask with --extract_mask, else the box), OUTPUT/CLASS/manifest.jsonl, OUTPUT/CLASS/coco.json (COCO
+instance segmentation) and the box masks beside the class folder, OUTPUT/CLASS_boxes/DEFECT/NNN_mask.png.
 Pixels outside the boxes are the defect-free image's; images keep its size and grey/colour mode.
 
 Sample NNN is seeded with --seeds + NNN. Reruns skip finished samples (--overwrite starts over).

@@ -62,3 +62,18 @@ def assert_user_error(proc, code, *needles):
     assert lines, proc.stderr
     for needle in needles:
         assert needle in proc.stderr, (needle, proc.stderr)
+
+
+def dataset_listing(root):
+    """Every entry under `root` (folders included) with its type, size, modification time and, for
+    files, a SHA-256 of the bytes: equal listings mean nothing was added, removed, written or touched."""
+    import hashlib
+
+    root = Path(root)
+    listing = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        listing[path.relative_to(root).as_posix()] = (path.is_dir(), st.st_size if path.is_file() else None, st.st_mtime_ns, digest)
+    listing["."] = (True, None, root.stat().st_mtime_ns, None)
+    return listing

@@ -210,7 +210,7 @@ def segmentation_for_class(cfg, split, generated, work, notes):
         if usable and len(boxed) == len(usable):
             pools["c"] = real + [(s, True) for s in boxed]
         elif usable:
-            notes.append(f"{name}: setting (c) skipped: {len(usable) - len(boxed)} generated sample(s) have no bbox/DEFECT/NNN_mask.png and no boxes in manifest.jsonl")
+            notes.append(f"{name}: setting (c) skipped: {len(usable) - len(boxed)} generated sample(s) have no box mask (CLASS_boxes/DEFECT/NNN_mask.png) and no boxes in manifest.jsonl")
         else:
             notes.append(f"{name}: setting (c) skipped: no generated pairs (pass --generated)")
     if "d" in cfg.settings:
