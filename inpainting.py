@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mvp_diff.cli_args import add_dataset_args
 from mvp_diff.errors import UsageError, cli
+from mvp_diff.extras import require_extra
 from mvp_diff.synthesis import Settings, synthesize
 
 
@@ -67,6 +68,8 @@ def parse_args(argv=None):
         raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
     if args.no_lora and args.lora_dir:
         raise UsageError("--no_lora and --lora_dir exclude each other")
+    if args.extract_mask and args.mask_method == "official":
+        require_extra("official", "--mask_method official (dense CRF)")
     return args
 
 

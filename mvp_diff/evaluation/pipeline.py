@@ -93,18 +93,23 @@ def store(path: Path, key, result):
 
 def versions():
     import sklearn
-    import torch_fidelity
     import torchvision
 
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package):  # torch-fidelity and lpips are the optional `eval` extra
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
 
     return {
         "mvp_diff": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "torch-fidelity": torch_fidelity.__version__,
-        "lpips": version("lpips"),
+        "torch-fidelity": installed("torch-fidelity"),
+        "lpips": installed("lpips"),
         "numpy": np.__version__,
         "scikit-learn": sklearn.__version__,
     }
