@@ -47,11 +47,21 @@ def tiny_checkpoint(tmp_path_factory):
 def run_script(script, *args, cwd=None, env=None, check=False, timeout=900):
     """Run a top-level script as a user would; returns CompletedProcess with text stdout/stderr."""
     cmd = [sys.executable, str(REPO / script), *map(str, args)]
-    full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def in_process(script, *args, cwd):
+    """Run a script's main() in this process (imports are paid once), from `cwd`."""
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        script.main([str(a) for a in args])
+    finally:
+        os.chdir(old)
 
 
 def assert_user_error(proc, code, *needles):
