@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomllib
+from anomalib_rule import anomalib_mvtec_ad_samples
 from conftest import REPO, assert_user_error, dataset_listing, in_process, run_script
 from tqdm.auto import tqdm
 
@@ -23,33 +24,6 @@ from mvp_diff.files import read_jsonl, read_mask
 from mvp_diff.progress import LineProgress, progress_bar
 
 FAST = ["--num_inference_steps", "2", "--resolution", "64", "--no_lora"]
-
-
-def anomalib_mvtec_ad_samples(class_root, split=None, extensions=(".png", ".PNG")):
-    """anomalib's exact MVTec AD rule, without pandas: `make_mvtec_ad_dataset` of
-    open-edge-platform/anomalib, src/anomalib/data/datasets/image/mvtecad.py (anomalib 2.x), which
-    `MVTecADDataset(root, category, split)` calls on ROOT/CATEGORY. Every image anywhere under the
-    class folder is a sample whose split is its grandparent folder and label its parent folder; the
-    ground_truth/ files, sorted by path, become the masks of the sorted non-"good" test samples; every
-    non-"good" sample must then have a mask whose stem contains its own stem."""
-    root = Path(class_root)
-    rows = [(str(root), *f.parts[-3:]) for f in root.glob(r"**/*") if f.suffix in extensions]
-    if not rows:
-        raise RuntimeError(f"Found 0 images in {root}")
-    samples = [{"split": s, "label": lab, "image_path": f"{p}/{s}/{lab}/{n}", "label_index": int(lab != "good")} for p, s, lab, n in rows]
-    masks = sorted((x for x in samples if x["split"] == "ground_truth"), key=lambda x: x["image_path"])
-    samples = sorted((x for x in samples if x["split"] != "ground_truth"), key=lambda x: x["image_path"])
-    for x in samples:
-        x["mask_path"] = None
-    abnormal_test = [x for x in samples if x["split"] == "test" and x["label_index"] == 1]
-    if len(abnormal_test) != len(masks):  # pandas: "Must have equal len keys and value when setting with an iterable"
-        raise ValueError(f"{len(abnormal_test)} anomalous test images but {len(masks)} masks")
-    for x, m in zip(abnormal_test, masks):
-        x["mask_path"] = m["image_path"]
-    for x in samples:
-        if x["label_index"] == 1 and Path(x["image_path"]).stem not in Path(x["mask_path"]).stem:  # Path(None): TypeError, as in anomalib
-            raise ValueError("Mismatch between anomalous images and ground truth masks")
-    return [x for x in samples if x["split"] == split] if split else samples
 
 
 def assert_loads_as_mvtec(class_root, n_anomalies, n_good_test=0, n_train=0):
