@@ -20,7 +20,7 @@ import numpy as np
 from .progress import progress_bar
 
 from .boxes import box_mask, boxes_from_mask
-from .dataset import class_relative, generated_paths, load_class
+from .dataset import class_relative, generated_paths, load_class, move_legacy_generated_boxes
 from .errors import UsageError, UserError, cli
 from .files import IMAGE_EXTENSIONS, atomic_write_jsonl, is_grey, read_mask, read_rgb, save_image
 
@@ -158,6 +158,7 @@ def synthesize(good_images, class_dir, num, seed=0, sources=None, defect_type=DE
     if not good_images:
         raise UserError(f"{class_dir}: no defect-free images to synthesize on")
     class_dir = Path(class_dir)
+    move_legacy_generated_boxes(class_dir)  # box masks of an earlier version's CLASS/bbox/
     records = []
     for i in progress_bar(range(num), desc=f"DRAEM-style {class_dir.name}", disable=not progress):
         image_path, mask_path, box_path = sample_paths(class_dir, i, defect_type)

@@ -158,7 +158,7 @@ def test_earlier_generated_layout_is_moved_and_evaluation_says_so(pipeline_run, 
     for path in (out / ".samples").glob("[0-9]*.json"):
         entry = json.loads(path.read_text())
         path.write_text(json.dumps(dict(entry, box_mask=entry["box_mask"].replace("../bottle_boxes/", "bbox/"))))
-    with pytest.raises(UserError, match="rerun inpainting.py"):
+    with pytest.raises(UserError, match=r"rerun the command that made them \(inpainting.py"):
         load_generated(out.parent, "bottle")
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("test/*/*.png")}
     in_process(inpainting, "--classname", "bottle", "--dataset", "./dataset", "--output", "./output/dataset/image", "--num", "6",

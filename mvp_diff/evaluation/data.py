@@ -156,7 +156,7 @@ def load_generated(generated, classname, mask_suffix="_mask"):
     folder = generated_class_dir(generated, classname)
     if (folder / BBOX_DIR).is_dir():
         raise UserError(f"{folder / BBOX_DIR}: box masks in the earlier layout (MVTec readers take them for samples); "
-                        f"rerun inpainting.py with the same flags to move them to {generated_boxes_dir(folder)}/, or move the folder there")
+                        f"rerun the command that made them (inpainting.py, python -m mvp_diff.draem) to move them to {generated_boxes_dir(folder)}/, or move the folder there")
     manifest = _manifest_index(folder)
     test_dir, gt_dir = folder / "test", folder / "ground_truth"
     defect_dirs = sorted(p for p in test_dir.iterdir() if p.is_dir() and p.name != GOOD)
