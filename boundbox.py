@@ -2,22 +2,23 @@
 
     python boundbox.py --classname bottle --dataset ./dataset
 
-Writes DATASET/CLASS/bbox/DEFECT/STEM_mask.png (0/255, the size of the mask) and
-DATASET/CLASS/bbox/boxes.json. One box per 8-connected region; see --min_area, --merge_gap, --margin.
-The dataset's train/, test/ and ground_truth/ folders are only read.
+Writes OUTDIR/CLASS/bbox/DEFECT/STEM_mask.png (0/255, the size of the mask) and
+OUTDIR/CLASS/bbox/boxes.json (--outdir, default ./script: beside the Stage 1 records). One box per
+8-connected region; see --min_area, --merge_gap, --margin. The dataset is only read.
 """
 
 import argparse
 import sys
 
-from mvp_diff.cli_args import add_box_args, add_dataset_args
+from mvp_diff.cli_args import add_box_args, add_dataset_args, add_stage1_outdir_arg
 from mvp_diff.errors import cli
-from mvp_diff.records import BoxParams, load_class_boxes, write_box_masks
+from mvp_diff.records import BoxParams, bbox_dir, load_class_boxes, write_box_masks
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dataset_args(parser)
+    add_stage1_outdir_arg(parser)
     add_box_args(parser)
     return parser.parse_args(argv)
 
@@ -29,9 +30,9 @@ def main(argv=None):
     for key, found in boxes.items():
         if not found:
             print(f"{key}: no region left after --min_area {args.min_area}; no box mask written", file=sys.stderr)
-    path = write_box_masks(class_data, boxes, BoxParams(args.min_area, args.merge_gap, args.margin))
+    path = write_box_masks(class_data, boxes, BoxParams(args.min_area, args.merge_gap, args.margin), args.outdir)
     n = sum(len(b) for b in boxes.values())
-    print(f"{n} boxes of {len(boxes)} anomalies -> {class_data.root / 'bbox'}/ and {path}")
+    print(f"{n} boxes of {len(boxes)} anomalies -> {bbox_dir(args.outdir, args.classname)}/ and {path}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ IoU a downstream segmentation model reaches with them.
     python evaluate.py --classname bottle --dataset ./dataset --generated ./output/dataset/image --out ./output/evaluation
 
 --generated is Stage 3's output (GENERATED/CLASS/test/DEFECT/NNN.png with ground_truth/DEFECT/
-NNN_mask.png and the box mask bbox/DEFECT/NNN_mask.png); any MVTec-layout folder of images and masks works. The
+NNN_mask.png, the box masks beside it in GENERATED/CLASS_boxes/DEFECT/NNN_mask.png); any MVTec-layout folder of images and masks works. The
 downstream model is trained four times with the same seed and steps: (a) real train-split anomalies,
 (b) (a) + generated pairs with their precise masks, (c) (a) + the same images with box masks,
 (d) (a) + DRAEM-style synthetic anomalies; it is selected on a validation split of the training side
@@ -27,6 +27,7 @@ from mvp_diff.errors import UsageError, cli
 from mvp_diff.evaluation.pipeline import PARTS, SETTINGS, EvalConfig, evaluate
 from mvp_diff.evaluation.report import write_report
 from mvp_diff.evaluation.segmentation import TrainConfig
+from mvp_diff.extras import require_extra
 
 
 def csv_list(choices, flag):
@@ -105,6 +106,8 @@ def check_args(args):
 def main(argv=None):
     args = parse_args(argv)
     device = check_args(args)
+    if "quality" in args.parts:
+        require_extra("eval", "--parts quality (IS, IC-LPIPS)", "pass --parts segmentation,gallery")
     train = TrainConfig(
         image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, base_channels=args.base_channels,
         lr=args.learning_rate, val_every=args.val_every, num_workers=args.num_workers,

@@ -6,7 +6,8 @@
 Reads random_box.py's MASK_DIR/CLASS/boxes.jsonl and box masks, the SD-1.5 inpainting checkpoint
 (--checkpoint_dir: a diffusers folder, or a Hugging Face Hub id fetched once into the Hugging Face cache) and Stage 2's LoRA (--lora_dir, default ./output/CLASS).
 Writes OUTPUT/CLASS/test/DEFECT/NNN.png, OUTPUT/CLASS/ground_truth/DEFECT/NNN_mask.png (the precise
-mask with --extract_mask, else the box), the box mask OUTPUT/CLASS/bbox/DEFECT/NNN_mask.png and OUTPUT/CLASS/manifest.jsonl.
+mask with --extract_mask, else the box), OUTPUT/CLASS/manifest.jsonl, OUTPUT/CLASS/coco.json (COCO
+instance segmentation) and the box masks beside the class folder, OUTPUT/CLASS_boxes/DEFECT/NNN_mask.png.
 Pixels outside the boxes are the defect-free image's; images keep its size and grey/colour mode.
 
 Sample NNN is seeded with --seeds + NNN. Reruns skip finished samples (--overwrite starts over).
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from mvp_diff.cli_args import add_dataset_args
 from mvp_diff.errors import UsageError, cli
+from mvp_diff.extras import require_extra
 from mvp_diff.synthesis import WRITE_WORKERS, Settings, synthesize
 
 
@@ -72,6 +74,8 @@ def parse_args(argv=None):
         raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
     if args.no_lora and args.lora_dir:
         raise UsageError("--no_lora and --lora_dir exclude each other")
+    if args.extract_mask and args.mask_method == "official":
+        require_extra("official", "--mask_method official (dense CRF)")
     return args
 
 

@@ -4,12 +4,13 @@
 
 Writes OUTDIR/CLASS/CLASS_train.jsonl (first third of each defect type, by file name: the anomalies
 the generator may learn from) and OUTDIR/CLASS/CLASS_test.jsonl (the rest, held out for evaluation).
-Paths in the records are relative to the record's `dataset_root` (absolute).
+Dataset paths in the records are relative to the record's `dataset_root` (absolute), the box mask
+to its `bbox_root` (OUTDIR, absolute). The dataset is only read.
 """
 
 import argparse
 
-from mvp_diff.cli_args import add_box_args, add_dataset_args
+from mvp_diff.cli_args import add_box_args, add_dataset_args, add_stage1_outdir_arg
 from mvp_diff.errors import cli
 from mvp_diff.files import atomic_write_jsonl
 from mvp_diff.records import build_records, load_class_boxes, records_paths
@@ -18,7 +19,7 @@ from mvp_diff.records import build_records, load_class_boxes, records_paths
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dataset_args(parser)
-    parser.add_argument("--outdir", default="./script", help="where CLASS/CLASS_{train,test}.jsonl go (default: ./script)")
+    add_stage1_outdir_arg(parser)
     parser.add_argument("--train_fraction", type=float, default=1 / 3, help="share of each defect type that trains the generator (default: 1/3)")
     add_box_args(parser)
     return parser.parse_args(argv)
@@ -28,7 +29,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     class_data, boxes = load_class_boxes(args, use_saved=True)
-    train, test = build_records(class_data, boxes, args.train_fraction)
+    train, test = build_records(class_data, boxes, args.train_fraction, args.outdir)
     train_path, test_path = records_paths(args.outdir, args.classname)
     atomic_write_jsonl(train_path, train)
     atomic_write_jsonl(test_path, test)

@@ -18,7 +18,7 @@ import re
 import sys
 
 from mvp_diff.boxes import box_mask
-from mvp_diff.cli_args import add_dataset_args
+from mvp_diff.cli_args import add_dataset_args, add_stage1_outdir_arg
 from mvp_diff.dataset import load_class
 from mvp_diff.errors import UsageError, cli
 from mvp_diff.files import atomic_write_jsonl, image_size, save_image
@@ -35,6 +35,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same boxes (default: 0)")
     parser.add_argument("--jitter", type=float, default=0.5, help="each box side is scaled by a factor in [1/(1+J), 1+J], log-uniform (default: 0.5)")
     parser.add_argument("--min_coverage", type=float, default=0.9, help="least share of a box's area on the object (default: 0.9)")
+    add_stage1_outdir_arg(parser, "--stage1_dir", "boundbox.py's CLASS/bbox/boxes.json is read from here when it exists")
     parser.add_argument("--train_fraction", type=float, default=1 / 3, help="share of each defect type whose boxes are the model (default: 1/3, as in Stage 1; 1 = all)")
     args = parser.parse_args(argv)
     if args.num < 1:
@@ -55,7 +56,7 @@ def main(argv=None):
     defect_types = check_defect_types(args.defect_types, class_data.defect_types)
     counts = split_num(args.num, defect_types, args.num_per_type)
     counts = {d: n for d, n in counts.items() if n > 0}
-    records, objects, texture = random_box_records(class_data, counts, args.seed, args.jitter, args.min_coverage, args.train_fraction)
+    records, objects, texture = random_box_records(class_data, counts, args.seed, args.jitter, args.min_coverage, args.train_fraction, stage1_dir=args.stage1_dir)
     folder = boxes_path(args.outdir, args.classname).parent
     for record in records:
         save_image(folder / record["box_mask"], box_mask(record["boxes"], record["height"], record["width"]))

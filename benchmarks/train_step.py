@@ -102,7 +102,7 @@ def build_models(name):
 
 def records():
     """(image, box mask, defect-free image, sentence) of the demo bottle's anomalies."""
-    from mvp_diff.dataset import load_class
+    from mvp_diff.dataset import load_class, record_path
     from mvp_diff.demo_data import build_demo_dataset
     from mvp_diff.records import BoxParams, build_records, compute_boxes, write_box_masks
 
@@ -111,9 +111,9 @@ def records():
         build_demo_dataset(root, classes=("bottle",))
     class_data = load_class(root, "bottle")
     boxes, _ = compute_boxes(class_data, BoxParams(), progress=False)
-    write_box_masks(class_data, boxes, BoxParams(), progress=False)
-    train, test = build_records(class_data, boxes)
-    return [(root / r["image"], root / r["bbox_mask"], root / r["good_image"], r["text"]) for r in train + test]
+    write_box_masks(class_data, boxes, BoxParams(), WORK / "script", progress=False)
+    train, test = build_records(class_data, boxes, outdir=WORK / "script")
+    return [tuple(record_path(r, k) for k in ("image", "bbox_mask", "good_image")) + (r["text"],) for r in train + test]
 
 
 def bench(name, args):

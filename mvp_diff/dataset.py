@@ -5,12 +5,12 @@
     DATASET/CLASS/test/DEFECT/000.png
     DATASET/CLASS/ground_truth/DEFECT/000_mask.png
 
-Stage 1 adds (never touching the folders above):
-    DATASET/CLASS/bbox/DEFECT/000_mask.png   filled box masks (boundbox.py)
-    DATASET/CLASS/bbox/boxes.json            all boxes
+Every command only reads the dataset folder; what Stage 1 derives from it (box masks, boxes.json,
+records) goes under Stage 1's --outdir (`mvp_diff.records`).
 """
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,8 @@ from .errors import UsageError, UserError
 from .files import IMAGE_EXTENSIONS, image_size, read_mask
 
 GOOD = "good"
-BBOX_DIR = "bbox"
+BBOX_DIR = "bbox"  # Stage 1 box masks: STAGE1_OUTDIR/CLASS/bbox/ (earlier versions wrote DATASET/CLASS/bbox/)
+BOXES_SUFFIX = "_boxes"  # Stage 3 box masks: OUTPUT/CLASS_boxes/, beside the generated class folder
 
 
 @dataclass
@@ -52,12 +53,10 @@ class ClassData:
     def all_anomalies(self):
         return [a for d in self.defect_types for a in self.anomalies[d]]
 
-    def bbox_mask_path(self, anomaly: Anomaly) -> Path:
-        return self.root / BBOX_DIR / anomaly.defect_type / anomaly.mask.name
-
     @property
-    def boxes_json(self) -> Path:
-        return self.root / BBOX_DIR / "boxes.json"
+    def legacy_bbox_dir(self) -> Path:
+        """Where boundbox.py wrote box masks inside the dataset before it left the dataset untouched."""
+        return self.root / BBOX_DIR
 
 
 def image_files(folder: Path):
@@ -156,25 +155,58 @@ def good_image_for(class_data: ClassData, index: int) -> Path:
     return class_data.train_good[index % len(class_data.train_good)]
 
 
+def generated_boxes_dir(class_dir: Path) -> Path:
+    """OUTPUT/CLASS_boxes/: box masks of the generated class folder OUTPUT/CLASS. Outside it, because
+    MVTec readers (anomalib's `make_mvtec_ad_dataset`, and others) take every image under CLASS/ as a
+    sample whose split is its grandparent folder's name."""
+    class_dir = Path(class_dir)
+    return class_dir.parent / f"{class_dir.name}{BOXES_SUFFIX}"
+
+
 def generated_paths(class_dir: Path, defect_type: str, name: str):
-    """(image, precise mask, box mask) of a synthetic sample in the MVTec layout every generator here
-    writes: test/DEFECT/NAME.png, ground_truth/DEFECT/NAME_mask.png, bbox/DEFECT/NAME_mask.png (box
-    masks in a folder of their own, so loaders that pair ground_truth/ files by name still work)."""
+    """(image, precise mask, box mask) of a synthetic sample, as every generator here writes it:
+    CLASS/test/DEFECT/NAME.png, CLASS/ground_truth/DEFECT/NAME_mask.png (the MVTec layout; nothing
+    else with an image extension lives under CLASS/) and CLASS_boxes/DEFECT/NAME_mask.png."""
     class_dir = Path(class_dir)
     return (
         class_dir / "test" / defect_type / f"{name}.png",
         class_dir / "ground_truth" / defect_type / f"{name}_mask.png",
-        class_dir / BBOX_DIR / defect_type / f"{name}_mask.png",
+        generated_boxes_dir(class_dir) / defect_type / f"{name}_mask.png",
     )
 
 
+def class_relative(path: Path, class_dir: Path) -> str:
+    """A generated file's path as manifests store it: relative to CLASS/ (box masks: ../CLASS_boxes/...)."""
+    return Path(os.path.relpath(Path(path), Path(class_dir))).as_posix()
+
+
+def move_legacy_generated_boxes(class_dir: Path):
+    """Earlier versions kept box masks in OUTPUT/CLASS/bbox/; move them to OUTPUT/CLASS_boxes/.
+    Returns the new folder when something moved. Refuses (one line) when both exist."""
+    class_dir = Path(class_dir)
+    old, new = class_dir / BBOX_DIR, generated_boxes_dir(class_dir)
+    if not old.is_dir():
+        return None
+    if new.exists():
+        raise UserError(f"{old} (box masks, earlier layout) and {new} both exist; delete {old} or rerun with --overwrite")
+    old.rename(new)
+    return new
+
+
+# Record fields stored relative to another root than `dataset_root`: Stage 1's box masks live under
+# its --outdir, never in the dataset.
+RECORD_ROOTS = {"bbox_mask": "bbox_root"}
+
+
 def record_path(record, key, moved_root=None) -> Path:
-    """Absolute path of a record field stored relative to its `dataset_root`. When that file is gone
-    (the dataset was moved) and `moved_root` holds the same relative path, that one."""
+    """Absolute path of a record field stored relative to its root (`dataset_root`, or `bbox_root` for
+    `bbox_mask`). When that file is gone (the folder was moved) and `moved_root` holds the same
+    relative path, that one."""
     value = Path(record[key])
     if value.is_absolute():
         return value
-    path = Path(record["dataset_root"]) / value if record.get("dataset_root") else Path(moved_root or ".") / value
+    root = record.get(RECORD_ROOTS.get(key, "dataset_root"))
+    path = Path(root) / value if root else Path(moved_root or ".") / value
     if not path.exists() and moved_root is not None and (Path(moved_root) / value).exists():
         return Path(moved_root) / value
     return path

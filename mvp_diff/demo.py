@@ -110,14 +110,15 @@ def main(argv=None):
     print(f"\ndemo finished in {time.time() - started:.0f} s. Everything is under {work}:")
     print(f"  dataset (MVTec layout)       {work / 'dataset'}")
     print(f"  tiny checkpoint              {checkpoint}")
-    print(f"  Stage 1 records              {work / 'script'}/CLASS/CLASS_{{train,test}}.jsonl, box masks in dataset/CLASS/bbox/")
+    print(f"  Stage 1 records              {work / 'script'}/CLASS/CLASS_{{train,test}}.jsonl, box masks CLASS/bbox/ (the dataset is only read)")
     if 2 in stages:
         print(f"  Stage 2 LoRA and checkpoints {work / 'output'}/CLASS/")
     if 3 in stages:
         print(f"  Stage 3 random boxes         {work / 'output/dataset/mask'}/CLASS/")
         for classname in args.classes:
             print(f"  {'synthetic ' + classname + ' defects':<29}{work / 'output/dataset/image' / classname}"
-                  "  (test/DEFECT/NNN.png, ground_truth/DEFECT/NNN_mask.png, manifest.jsonl)")
+                  "  (test/DEFECT/NNN.png, ground_truth/DEFECT/NNN_mask.png, manifest.jsonl, coco.json;"
+                  f" box masks in {classname}_boxes/)")
     if 4 in stages:
         for classname in args.classes:
             report = work / "output" / "evaluation" / classname

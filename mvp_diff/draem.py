@@ -5,7 +5,7 @@ baseline for the evaluation and a quick generator in its own right.
     python -m mvp_diff.draem --classname bottle --dataset ./dataset --out ./output/draem --num 100
 
 writes the same MVTec layout as inpainting.py (OUT/CLASS/test/draem/NNN.png, ground_truth/draem/
-NNN_mask.png, bbox/draem/NNN_mask.png, OUT/CLASS/manifest.jsonl), so evaluate.py reads it as --generated.
+NNN_mask.png, OUT/CLASS/manifest.jsonl, box masks OUT/CLASS_boxes/draem/NNN_mask.png), so evaluate.py reads it as --generated.
 The texture source is --anomaly_source_path (DRAEM used the DTD textures) or, by default, the other
 defect-free training images of the class. Masks are exact: a pixel is in the mask iff it changed.
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .boxes import box_mask, boxes_from_mask
-from .dataset import generated_paths, load_class
+from .dataset import class_relative, generated_paths, load_class, move_legacy_generated_boxes
 from .errors import UsageError, UserError, cli
 from .files import IMAGE_EXTENSIONS, atomic_write_jsonl, is_grey, read_mask, read_rgb, save_image
 
@@ -158,8 +158,9 @@ def synthesize(good_images, class_dir, num, seed=0, sources=None, defect_type=DE
     if not good_images:
         raise UserError(f"{class_dir}: no defect-free images to synthesize on")
     class_dir = Path(class_dir)
+    move_legacy_generated_boxes(class_dir)  # box masks of an earlier version's CLASS/bbox/
     records = []
-    for i in tqdm(range(num), desc=f"DRAEM-style {class_dir.name}", disable=not progress, leave=False):
+    for i in progress_bar(range(num), desc=f"DRAEM-style {class_dir.name}", disable=not progress):
         image_path, mask_path, box_path = sample_paths(class_dir, i, defect_type)
         base = good_images[i % len(good_images)]
         rng = np.random.default_rng([seed, i, zlib.crc32(class_dir.name.encode())])  # classes differ
@@ -186,7 +187,7 @@ def synthesize(good_images, class_dir, num, seed=0, sources=None, defect_type=DE
                 "paths": {
                     "image": image_path.relative_to(class_dir).as_posix(),
                     "mask": mask_path.relative_to(class_dir).as_posix(),
-                    "box_mask": box_path.relative_to(class_dir).as_posix(),
+                    "box_mask": class_relative(box_path, class_dir),
                     "good_image": str(Path(base).resolve()),
                 },
                 "mask_area": int(mask.sum()),

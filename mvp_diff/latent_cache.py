@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .files import read_mask, read_rgb
 
@@ -124,7 +124,7 @@ def build_latent_cache(vae, text_encoder, tokenizer, pairs, texts, resolution, v
     loader = torch.utils.data.DataLoader(ExampleImages(pairs, resolution, factor), batch_size=batch_size, num_workers=num_workers)
     latent_size = (resolution // factor, resolution // factor)
     fields = {k: [] for k in ("image_mean", "image_std", "masked_mean", "masked_std", "mask")}
-    for pixels, masks in tqdm(loader, desc="encoding training images", disable=not progress, leave=False):
+    for pixels, masks in progress_bar(loader, desc="encoding training images", disable=not progress):
         masked_pixels = pixels * (masks < 0.5)
         per_variant = {k: [] for k in fields}
         for name in variants:

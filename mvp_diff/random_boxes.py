@@ -25,7 +25,8 @@ from .dataset import ClassData, good_image_for, relative_to_root, split_anomalie
 from .errors import UsageError, UserError
 from .files import image_size, read_rgb
 from .prompts import describe
-from .records import BoxParams, anomaly_key, compute_boxes, load_saved_boxes
+from .progress import progress_bar
+from .records import DEFAULT_OUTDIR, BoxParams, anomaly_key, compute_boxes, load_saved_boxes
 
 WORK_SIZE = 256  # foreground is estimated at this size (longer side), then scaled back
 BORDER = 0.03  # width of the frame whose median colour is the background, as a fraction of the side
@@ -50,10 +51,11 @@ class BoxStats:
         return [wh for sample in self.samples for wh in sample]
 
 
-def real_box_stats(class_data: ClassData, train_fraction=1 / 3, params: BoxParams = None):
+def real_box_stats(class_data: ClassData, train_fraction=1 / 3, params: BoxParams = None, stage1_dir=DEFAULT_OUTDIR):
     """{defect type: BoxStats} from the real anomalies the generator may learn from (the first
-    `train_fraction` of each type, as in Stage 1), using boundbox.py's boxes when it has run."""
-    boxes = load_saved_boxes(class_data)
+    `train_fraction` of each type, as in Stage 1), using boundbox.py's boxes (in `stage1_dir`) when it
+    has run."""
+    boxes = load_saved_boxes(class_data, stage1_dir)
     if boxes is None:
         boxes, _ = compute_boxes(class_data, params or BoxParams(), progress=False)
     stats = {}
@@ -211,15 +213,13 @@ def index_width(total):
     return max(3, len(str(max(total - 1, 0))))
 
 
-def random_box_records(class_data: ClassData, counts, seed=0, jitter=0.5, min_coverage=0.9, train_fraction=1 / 3, progress=True):
+def random_box_records(class_data: ClassData, counts, seed=0, jitter=0.5, min_coverage=0.9, train_fraction=1 / 3, progress=True, stage1_dir=DEFAULT_OUTDIR):
     """(records, {good image: work-size object mask or None}, whether the class is a texture).
 
     Sample `index` (global, defect types in sorted order) uses the generator
     `numpy.random.default_rng([seed, index])` and the defect-free image `train/good[index % n]`.
     """
-    from tqdm.auto import tqdm
-
-    stats = real_box_stats(class_data, train_fraction)
+    stats = real_box_stats(class_data, train_fraction, stage1_dir=stage1_dir)
     missing = [d for d in counts if d not in stats]
     if missing:
         raise UserError(f"{class_data.root}: no real boxes for defect type(s) {', '.join(missing)} in the training share; check their masks")
@@ -233,7 +233,7 @@ def random_box_records(class_data: ClassData, counts, seed=0, jitter=0.5, min_co
     width_digits = index_width(total)
     records = []
     index = 0
-    bar = tqdm(total=total, desc=f"random boxes {class_data.name}", disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc=f"random boxes {class_data.name}", disable=not progress)
     for defect in sorted(counts):
         for _ in range(counts[defect]):
             good = good_image_for(class_data, index)

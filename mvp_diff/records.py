@@ -1,17 +1,25 @@
-"""Stage 1: boxes of every real anomaly and its training record (image, box mask, sentence)."""
+"""Stage 1: boxes of every real anomaly and its training record (image, box mask, sentence).
+
+Everything goes under Stage 1's --outdir (default ./script); the dataset is only read:
+
+    OUTDIR/CLASS/CLASS_train.jsonl, CLASS_test.jsonl   records (location_describer.py)
+    OUTDIR/CLASS/bbox/DEFECT/STEM_mask.png             filled box masks (boundbox.py)
+    OUTDIR/CLASS/bbox/boxes.json                       all boxes and the flags that made them
+"""
 
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from .boxes import box_mask, boxes_from_mask
-from .dataset import ClassData, good_image_for, load_class, relative_to_root, split_anomalies
+from .dataset import BBOX_DIR, ClassData, good_image_for, load_class, relative_to_root, split_anomalies
 from .errors import UserError
 from .files import atomic_write_json, image_size, read_mask, save_image
+from .progress import progress_bar
 from .prompts import describe
+
+DEFAULT_OUTDIR = "./script"
 
 
 @dataclass
@@ -28,10 +36,22 @@ def anomaly_key(anomaly) -> str:
     return f"{anomaly.defect_type}/{anomaly.stem}"
 
 
+def bbox_dir(outdir, classname) -> Path:
+    return Path(outdir) / classname / BBOX_DIR
+
+
+def boxes_json_path(outdir, classname) -> Path:
+    return bbox_dir(outdir, classname) / "boxes.json"
+
+
+def bbox_mask_path(outdir, class_data: ClassData, anomaly) -> Path:
+    return bbox_dir(outdir, class_data.name) / anomaly.defect_type / anomaly.mask.name
+
+
 def compute_boxes(class_data: ClassData, params: BoxParams, progress=True):
     """{`defect/stem`: boxes} for every anomaly, plus the list of (anomaly, dropped regions) notes."""
     boxes, notes = {}, []
-    for anomaly in tqdm(class_data.all_anomalies(), desc=f"boxes {class_data.name}", disable=not progress, leave=False):
+    for anomaly in progress_bar(class_data.all_anomalies(), desc=f"boxes {class_data.name}", disable=not progress):
         found, dropped = boxes_from_mask(read_mask(anomaly.mask), params.min_area, params.merge_gap, params.margin)
         if dropped:
             notes.append((anomaly, dropped))
@@ -39,24 +59,27 @@ def compute_boxes(class_data: ClassData, params: BoxParams, progress=True):
     return boxes, notes
 
 
-def write_box_masks(class_data: ClassData, boxes, params: BoxParams, progress=True):
-    """Filled box masks under CLASS/bbox/DEFECT/ and CLASS/bbox/boxes.json; returns the json path."""
+def write_box_masks(class_data: ClassData, boxes, params: BoxParams, outdir=DEFAULT_OUTDIR, progress=True):
+    """Filled box masks under OUTDIR/CLASS/bbox/DEFECT/ and OUTDIR/CLASS/bbox/boxes.json (paths in it
+    relative to OUTDIR, like the records' `bbox_mask`); returns the json path."""
     entries = {}
-    for anomaly in tqdm(class_data.all_anomalies(), desc=f"box masks {class_data.name}", disable=not progress, leave=False):
+    for anomaly in progress_bar(class_data.all_anomalies(), desc=f"box masks {class_data.name}", disable=not progress):
         key = anomaly_key(anomaly)
         width, height = image_size(anomaly.mask)
-        out = class_data.bbox_mask_path(anomaly)
+        out = bbox_mask_path(outdir, class_data, anomaly)
         if boxes[key]:
             save_image(out, box_mask(boxes[key], height, width))
-        entries[key] = {"boxes": boxes[key], "width": width, "height": height, "bbox_mask": relative_to_root(out, class_data.dataset_root)}
-    atomic_write_json(class_data.boxes_json, {"class": class_data.name, "params": params.as_dict(), "anomalies": entries})
-    return class_data.boxes_json
+        entries[key] = {"boxes": boxes[key], "width": width, "height": height, "bbox_mask": relative_to_root(out, outdir)}
+    path = boxes_json_path(outdir, class_data.name)
+    atomic_write_json(path, {"class": class_data.name, "params": params.as_dict(), "anomalies": entries})
+    return path
 
 
-def load_saved_boxes(class_data: ClassData, params: BoxParams = None):
-    """Boxes written by boundbox.py, or None when it has not run. With `params`, boxes made with other
-    --min_area/--merge_gap/--margin are an error: records and box masks must describe the same boxes."""
-    path = class_data.boxes_json
+def load_saved_boxes(class_data: ClassData, outdir=DEFAULT_OUTDIR, params: BoxParams = None):
+    """Boxes written by boundbox.py into OUTDIR, or None when it has not run. With `params`, boxes
+    made with other --min_area/--merge_gap/--margin are an error: records and box masks must describe
+    the same boxes."""
+    path = boxes_json_path(outdir, class_data.name)
     if not path.is_file():
         return None
     try:
@@ -70,9 +93,11 @@ def load_saved_boxes(class_data: ClassData, params: BoxParams = None):
     return boxes
 
 
-def build_records(class_data: ClassData, boxes, train_fraction=1 / 3):
-    """(train, test) record lists; anomalies whose boxes are all dropped are left out."""
+def build_records(class_data: ClassData, boxes, train_fraction=1 / 3, outdir=DEFAULT_OUTDIR):
+    """(train, test) record lists; anomalies whose boxes are all dropped are left out. Dataset files
+    are relative to `dataset_root`, the box mask to `bbox_root` (OUTDIR), both absolute."""
     root = class_data.dataset_root.resolve()
+    bbox_root = Path(outdir).resolve()
     splits = {"train": [], "test": []}
     index = 0
     for defect in class_data.defect_types:
@@ -80,7 +105,7 @@ def build_records(class_data: ClassData, boxes, train_fraction=1 / 3):
         for split, members in (("train", train), ("test", test)):
             for anomaly in members:
                 if anomaly_key(anomaly) not in boxes:
-                    raise UserError(f"{class_data.boxes_json} has no boxes for {anomaly.image}; rerun boundbox.py")
+                    raise UserError(f"{boxes_json_path(outdir, class_data.name)} has no boxes for {anomaly.image}; rerun boundbox.py")
                 found = boxes[anomaly_key(anomaly)]
                 if not found:
                     continue
@@ -93,7 +118,8 @@ def build_records(class_data: ClassData, boxes, train_fraction=1 / 3):
                         "dataset_root": str(root),
                         "image": relative_to_root(anomaly.image, root),
                         "gt_mask": relative_to_root(anomaly.mask, root),
-                        "bbox_mask": relative_to_root(class_data.bbox_mask_path(anomaly), root),
+                        "bbox_root": str(bbox_root),
+                        "bbox_mask": relative_to_root(bbox_mask_path(outdir, class_data, anomaly), bbox_root),
                         "good_image": relative_to_root(good_image_for(class_data, index), root),
                         "boxes": found,
                         "width": width,
@@ -114,10 +140,16 @@ def load_class_boxes(args, use_saved=False):
     """(ClassData, boxes) for a Stage 1 script's parsed args; reports skipped masks and dropped regions
     on stderr. With `use_saved`, boundbox.py's boxes.json wins when it exists, so both scripts agree."""
     class_data = load_class(args.dataset, args.classname, args.mask_suffix)
+    if class_data.legacy_bbox_dir.is_dir():
+        print(
+            f"note: {class_data.legacy_bbox_dir}/ was written into the dataset by an earlier version of boundbox.py; "
+            f"box masks now go to {bbox_dir(args.outdir, args.classname)}/ and nothing reads the old folder: you may delete it",
+            file=sys.stderr,
+        )
     for anomaly in class_data.empty_masks:
         print(f"skipped {anomaly.image}: its mask {anomaly.mask} is empty", file=sys.stderr)
     params = BoxParams(args.min_area, args.merge_gap, args.margin)
-    boxes = load_saved_boxes(class_data, params) if use_saved else None
+    boxes = load_saved_boxes(class_data, args.outdir, params) if use_saved else None
     if boxes is None:
         boxes, notes = compute_boxes(class_data, params)
         for anomaly, dropped in notes:

@@ -3,9 +3,10 @@ boxes from the original, extract the precise mask and write an MVTec-layout data
 
     OUTPUT/CLASS/test/DEFECT/NNN.png                generated image, at the original size and mode
     OUTPUT/CLASS/ground_truth/DEFECT/NNN_mask.png   precise mask (the box with --extract_mask off)
-    OUTPUT/CLASS/bbox/DEFECT/NNN_mask.png           box mask (a folder of its own, so MVTec loaders
-                                                    that pair ground_truth/ files by name still work)
     OUTPUT/CLASS/manifest.jsonl                     one line per sample
+    OUTPUT/CLASS/coco.json                          COCO instance segmentation of the samples (`coco`)
+    OUTPUT/CLASS_boxes/DEFECT/NNN_mask.png          box mask: outside CLASS/, whose only images are
+                                                    the MVTec pairs (readers glob every image there)
     OUTPUT/CLASS/.samples/NNN.json                  the sample's manifest entry, written last: a
                                                     sample is done when it exists with its files
     OUTPUT/CLASS/.samples/settings.json             generation settings of the folder
@@ -29,7 +30,8 @@ import numpy as np
 from PIL import Image
 
 from .checkpoint import LORA_WEIGHT_NAME, check_checkpoint, inpaint_pipeline, load_components, pick_variant, resolve_checkpoint
-from .dataset import generated_paths, record_path
+from .coco import mask_regions, write_coco
+from .dataset import class_relative, generated_boxes_dir, generated_paths, move_legacy_generated_boxes, record_path
 from .errors import UsageError, UserError
 from .random_boxes import boxes_path
 from .files import atomic_write_json, atomic_write_jsonl, image_size, read_image, read_jsonl, read_mask, save_image
@@ -371,7 +373,7 @@ def write_sample(out_dir: Path, sample: Sample, image, mask, box, settings: Sett
         "boxes": sample.boxes,
         "image": image_path.relative_to(out_dir).as_posix(),
         "mask": mask_path.relative_to(out_dir).as_posix(),
-        "box_mask": box_path.relative_to(out_dir).as_posix(),
+        "box_mask": class_relative(box_path, out_dir),
         "good_image": str(sample.good_path),
         "mask_area": area,
         "box_area": int(box.sum()),
@@ -382,6 +384,8 @@ def write_sample(out_dir: Path, sample: Sample, image, mask, box, settings: Sett
     }
     if skipped:
         entry["skipped"] = True
+    else:
+        entry["regions"] = mask_regions(mask)  # for coco.json; left out of manifest.jsonl
     atomic_write_json(entry_path(out_dir, sample), entry)
     return entry
 
@@ -411,8 +415,9 @@ def remove_stale_samples(out_dir: Path, records, seeds):
     return removed
 
 
-def rebuild_manifest(out_dir: Path):
-    """manifest.jsonl from every finished sample's entry, by index (skipped samples left out)."""
+def rebuild_manifest(out_dir: Path, defect_types=None):
+    """manifest.jsonl and coco.json from every finished sample's entry, by index (skipped samples
+    left out); `defect_types` fixes the COCO categories before every type has a sample."""
     entries = []
     for path in (out_dir / SAMPLES_DIR).glob("*.json"):
         if re.fullmatch(r"\d+\.json", path.name):
@@ -421,16 +426,38 @@ def rebuild_manifest(out_dir: Path):
             except (OSError, json.JSONDecodeError):
                 continue  # a half-written entry cannot exist (atomic writes); an edited one is skipped
     entries = [e for e in sorted(entries, key=lambda e: e["index"]) if not e.get("skipped")]
+    write_coco(out_dir, entries, defect_types=defect_types)
+    entries = [{k: v for k, v in e.items() if k != "regions"} for e in entries]
     atomic_write_jsonl(out_dir / "manifest.jsonl", entries)
     return entries
+
+
+def relocate_box_entries(out_dir: Path):
+    """Point every finished sample's `box_mask` at OUTPUT/CLASS_boxes/ after a move from CLASS/bbox/."""
+    for path in (out_dir / SAMPLES_DIR).glob("*.json"):
+        if not re.fullmatch(r"\d+\.json", path.name):
+            continue
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if entry.get("box_mask", "").startswith("bbox/"):
+            box = generated_boxes_dir(out_dir) / entry["box_mask"][len("bbox/") :]
+            entry["box_mask"] = class_relative(box, out_dir)
+            atomic_write_json(path, entry)
 
 
 def prepare_output(out_dir: Path, settings: Settings, overwrite=False):
     """Start over with --overwrite; otherwise refuse to mix samples made with other settings."""
     if overwrite:
-        for name in ("test", "ground_truth", "bbox", SAMPLES_DIR):
-            shutil.rmtree(out_dir / name, ignore_errors=True)
-        (out_dir / "manifest.jsonl").unlink(missing_ok=True)
+        for folder in (out_dir / "test", out_dir / "ground_truth", out_dir / "bbox", out_dir / SAMPLES_DIR, generated_boxes_dir(out_dir)):
+            shutil.rmtree(folder, ignore_errors=True)
+        for name in ("manifest.jsonl", "coco.json"):
+            (out_dir / name).unlink(missing_ok=True)
+    moved = move_legacy_generated_boxes(out_dir)
+    if moved:
+        relocate_box_entries(out_dir)
+        print(f"moved the box masks of {out_dir} to {moved}/ (MVTec readers take every image under {out_dir.name}/ as a sample)", flush=True)
     # Temporary files of a killed run's unfinished writes.
     for tmp in out_dir.glob("**/.*.tmp"):
         tmp.unlink(missing_ok=True)
@@ -580,9 +607,9 @@ def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=Non
     `write_workers` threads finish samples while the next batch generates (0: one after another);
     `pipe`: a pipeline load_pipeline already returned for these settings (benchmarks time runs without loading)."""
     import torch
-    from tqdm.auto import tqdm
 
     from .dataset import class_dir
+    from .progress import progress_bar
 
     class_dir(dataset, classname)  # a clear error for an unknown class or dataset
     all_records = load_box_records(mask_dir, classname, dataset)
@@ -596,6 +623,7 @@ def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=Non
     warn = (lambda msg: print(msg, flush=True)) if state.is_main_process else (lambda msg: None)
     samples = build_samples(records, mask_dir, classname, dataset, settings.seeds, warn)
     out_dir = Path(output) / classname
+    defect_types = sorted({r["defect_type"] for r in records})
     if state.is_main_process:
         prepare_output(out_dir, settings, overwrite)
         stale = remove_stale_samples(out_dir, all_records, settings.seeds)
@@ -609,7 +637,7 @@ def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=Non
         print(f"{len(samples) - len(pending)} of {len(samples)} samples already done; generating {len(pending)} on {state.num_processes} process(es)", flush=True)
     if mine:
         pipe = pipe or load_pipeline(settings.checkpoint, device, torch_dtype, settings.lora, settings.lora_scale)
-        bar = tqdm(total=len(mine), desc=f"inpainting {classname}", disable=not state.is_main_process)
+        bar = progress_bar(total=len(mine), desc=f"inpainting {classname}", disable=not state.is_main_process)
         written = time.monotonic()
 
         def finish(sample, good, box, generated, reference):
@@ -621,10 +649,10 @@ def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=Non
                 # The per-sample entries are what resuming relies on; the manifest follows them at most
                 # MANIFEST_EVERY seconds late (rewriting it after every batch would cost O(N^2)).
                 if state.is_main_process and time.monotonic() - written > MANIFEST_EVERY:
-                    rebuild_manifest(out_dir)
+                    rebuild_manifest(out_dir, defect_types)
                     written = time.monotonic()
                 bar.update(len(batch))
         bar.close()
     state.wait_for_everyone()
-    entries = rebuild_manifest(out_dir) if state.is_main_process else []
+    entries = rebuild_manifest(out_dir, defect_types) if state.is_main_process else []
     return state, out_dir, entries

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .checkpoint import LORA_WEIGHT_NAME, inpaint_pipeline, load_components, load_scheduler, pick_variant, resolve_checkpoint
 from .dataset import record_path
@@ -127,7 +127,7 @@ def load_examples(path, flag, classname, data_root, with_good_image=False, limit
     if not records:
         raise UserError(f"{flag} {path}: no records; rerun location_describer.py (does the class have anomalies with non-empty masks?)")
     examples = []
-    keys = ("image", "bbox_mask", "text", "dataset_root") + (("good_image",) if with_good_image else ())
+    keys = ("image", "bbox_mask", "text", "dataset_root", "bbox_root") + (("good_image",) if with_good_image else ())
     for i, record in enumerate(records[:limit] if limit else records, 1):
         missing = [k for k in keys if not record.get(k)]
         if missing:
@@ -137,10 +137,12 @@ def load_examples(path, flag, classname, data_root, with_good_image=False, limit
         image = record_path(record, "image", data_root)
         if not image.is_file():
             raise UserError(f"{image}: anomaly image of record {i} in {path} not found (moved dataset? pass --train_data_dir DATASET/{classname})")
-        bbox = record_path(record, "bbox_mask", data_root)
+        # Box masks sit beside the records (Stage 1's --outdir), which may have moved with them.
+        stage1_dir = path.parent.parent
+        bbox = record_path(record, "bbox_mask", stage1_dir)
         if not bbox.is_file():
             root = data_root or Path(record["dataset_root"])
-            raise UserError(f"{bbox}: box mask of record {i} in {path} not found; run: python boundbox.py --classname {classname} --dataset {root}")
+            raise UserError(f"{bbox}: box mask of record {i} in {path} not found; run: python boundbox.py --classname {classname} --dataset {root} --outdir {stage1_dir}")
         good = None
         if with_good_image:
             good = record_path(record, "good_image", data_root)
@@ -617,7 +619,7 @@ def train(args):
         accelerator.wait_for_everyone()
 
     last_checkpoint = list_checkpoints(out_dir)[-1][1] if list_checkpoints(out_dir) else None
-    progress = tqdm(range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    progress = progress_bar(range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process, leave=True)
     unet.train()
     while global_step < max_train_steps:
         step_loss = 0.0

@@ -47,11 +47,21 @@ def tiny_checkpoint(tmp_path_factory):
 def run_script(script, *args, cwd=None, env=None, check=False, timeout=900):
     """Run a top-level script as a user would; returns CompletedProcess with text stdout/stderr."""
     cmd = [sys.executable, str(REPO / script), *map(str, args)]
-    full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def in_process(script, *args, cwd):
+    """Run a script's main() in this process (imports are paid once), from `cwd`."""
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        script.main([str(a) for a in args])
+    finally:
+        os.chdir(old)
 
 
 def assert_user_error(proc, code, *needles):
@@ -62,3 +72,18 @@ def assert_user_error(proc, code, *needles):
     assert lines, proc.stderr
     for needle in needles:
         assert needle in proc.stderr, (needle, proc.stderr)
+
+
+def dataset_listing(root):
+    """Every entry under `root` (folders included) with its type, size, modification time and, for
+    files, a SHA-256 of the bytes: equal listings mean nothing was added, removed, written or touched."""
+    import hashlib
+
+    root = Path(root)
+    listing = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        listing[path.relative_to(root).as_posix()] = (path.is_dir(), st.st_size if path.is_file() else None, st.st_mtime_ns, digest)
+    listing["."] = (True, None, root.stat().st_mtime_ns, None)
+    return listing

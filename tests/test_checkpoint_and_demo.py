@@ -59,7 +59,8 @@ def test_demo_stage1(tmp_path):
     work = tmp_path / "demo"
     for classname in ("bottle", "grid"):
         assert (work / "script" / classname / f"{classname}_train.jsonl").is_file()
-        assert (work / "dataset" / classname / "bbox" / "boxes.json").is_file()
+        assert (work / "script" / classname / "bbox" / "boxes.json").is_file()
+        assert not (work / "dataset" / classname / "bbox").exists()
     assert Image.open(work / "dataset" / "grid" / "train" / "good" / "000.png").mode == "L"
     check_checkpoint(work / "checkpoints" / "inpainting")
     assert str(work / "output/dataset/image") not in proc.stdout  # stage 3 did not run

@@ -350,8 +350,11 @@ def test_draem_synthesize_layout_and_resume(demo_dataset_master, tmp_path):
     goods = sorted((demo_dataset_master / "grid" / "train" / "good").glob("*.png"))[:3]
     folder = tmp_path / "grid"
     records = synthesize(goods, folder, 4, seed=1, progress=False)
-    digest = {p: p.read_bytes() for p in folder.rglob("*.png")}
-    assert len(digest) == 12
+    def files():  # the class folder holds the MVTec pairs only; box masks are beside it
+        return {p: p.read_bytes() for p in [*folder.rglob("*.png"), *(tmp_path / "grid_boxes").rglob("*.png")]}
+
+    digest = files()
+    assert len(digest) == 12 and len(list(folder.rglob("*.png"))) == 8
     for r in records:
         image = read_rgb(folder / r["paths"]["image"])
         mask = read_mask(folder / r["paths"]["mask"])
@@ -362,7 +365,7 @@ def test_draem_synthesize_layout_and_resume(demo_dataset_master, tmp_path):
         assert Image.open(folder / r["paths"]["image"]).mode == "L"  # grid stays grey
     (folder / records[2]["paths"]["image"]).unlink()
     synthesize(goods, folder, 4, seed=1, progress=False)  # resume: the same sample again
-    assert {p: p.read_bytes() for p in folder.rglob("*.png")} == digest
+    assert files() == digest
     _, samples, _ = load_generated(tmp_path, "grid")
     assert [s.good_image for s in samples["draem"]] == [Path(r["paths"]["good_image"]) for r in records]
 
@@ -373,6 +376,7 @@ def test_draem_synthesize_layout_and_resume(demo_dataset_master, tmp_path):
 def test_reader_is_tolerant_and_strict(standin, tmp_path):
     gen = tmp_path / "gen"
     shutil.copytree(standin / "bottle", gen / "bottle")
+    shutil.copytree(standin / "bottle_boxes", gen / "bottle_boxes")
     folder, samples, _ = load_generated(gen, "bottle")
     assert sorted(samples) == ["broken_large", "contamination"] and all(len(v) == 4 for v in samples.values())
     s = samples["broken_large"][0]
@@ -380,7 +384,7 @@ def test_reader_is_tolerant_and_strict(standin, tmp_path):
     assert load_generated(gen / "bottle", "bottle")[0] == folder  # the class folder itself works too
 
     (gen / "bottle" / "manifest.jsonl").unlink()
-    shutil.rmtree(gen / "bottle" / "bbox")
+    shutil.rmtree(gen / "bottle_boxes")
     _, bare, _ = load_generated(gen, "bottle")
     assert all(x.box_mask is None and x.good_image is None and not x.boxes for v in bare.values() for x in v)
 
@@ -415,7 +419,7 @@ class _Images(HTMLParser):
 def test_evaluate_end_to_end(demo_dataset_master, standin, tmp_path):
     gen = tmp_path / "gen"
     shutil.copytree(standin, gen)
-    shutil.rmtree(gen / "grid" / "bbox")  # grid: no box files, boxes from the manifest
+    shutil.rmtree(gen / "grid_boxes")  # grid: no box files, boxes from the manifest
     out = tmp_path / "report"
     args = ["--classname", "bottle,grid", "--dataset", demo_dataset_master, "--generated", gen, "--out", out,
             "--epochs", "2", "--random_weights_for_testing", *TINY]  # fmt: skip

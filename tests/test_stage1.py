@@ -1,6 +1,5 @@
 """Stage 1: dataset layer, boxes, sentences, location_describer.py and boundbox.py."""
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -8,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, dataset_listing, run_script
 from mvp_diff.boxes import box_mask, boxes_from_mask
 from mvp_diff.dataset import load_class, record_path, split_anomalies
 from mvp_diff.errors import UsageError, UserError
-from mvp_diff.files import read_mask, read_rgb
+from mvp_diff.files import read_jsonl, read_mask, read_rgb
 from mvp_diff.prompts import describe, location_phrase
 
 
@@ -35,15 +34,6 @@ def make_class(root, name="widget", size=(40, 30), mode="RGB", mask_values=(0, 2
             m = masks[i]
         Image.fromarray(np.where(m, mask_values[1], mask_values[0]).astype(np.uint8), "L").save(folder / "ground_truth" / "crack" / f"{i:03d}_mask{mask_ext}")
     return folder
-
-
-def tree_digest(folder):
-    h = hashlib.sha256()
-    for p in sorted(Path(folder).rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(folder)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 # --- input quirks -------------------------------------------------------------------------------
@@ -197,7 +187,11 @@ def test_stage1_scripts_end_to_end(demo_dataset, tmp_path):
     outdir = tmp_path / "script"
     proc = run_script("location_describer.py", "--classname", "bottle", "--dataset", demo_dataset, "--outdir", outdir, cwd=tmp_path, check=True)
     assert "train records" in proc.stdout
-    run_script("boundbox.py", "--classname", "bottle", "--dataset_dir", demo_dataset, cwd=tmp_path, check=True)
+    (demo_dataset / "bottle" / "bbox").mkdir()  # what earlier versions left in the dataset
+    proc = run_script("boundbox.py", "--classname", "bottle", "--dataset_dir", demo_dataset, cwd=tmp_path, check=True)  # default --outdir ./script
+    assert f"{demo_dataset / 'bottle' / 'bbox'}/ was written into the dataset" in proc.stderr and "you may delete it" in proc.stderr
+    assert (demo_dataset / "bottle" / "bbox").is_dir()  # reported, never deleted
+    (demo_dataset / "bottle" / "bbox").rmdir()
 
     data = load_class(demo_dataset, "bottle")
     train = [json.loads(l) for l in (outdir / "bottle" / "bottle_train.jsonl").read_text().splitlines()]
@@ -212,30 +206,35 @@ def test_stage1_scripts_end_to_end(demo_dataset, tmp_path):
             path = record_path(record, key)
             assert path.is_file(), path
             Image.open(path).verify()
+        assert record_path(record, "bbox_mask") == outdir.resolve() / "bottle" / "bbox" / record["defect_type"] / Path(record["gt_mask"]).name
         box = read_mask(record_path(record, "bbox_mask"))
         gt = read_mask(record_path(record, "gt_mask"))
         assert box.shape == (record["height"], record["width"]) and (box | ~gt).all()  # box covers the defect
         assert record["text"].startswith("a bottle with ") and record["defect_type"].replace("_", " ") in record["text"]
-    assert json.loads((demo_dataset / "bottle" / "bbox" / "boxes.json").read_text())["class"] == "bottle"
-    assert sorted(p.name for p in (demo_dataset / "bottle").iterdir()) == ["bbox", "ground_truth", "test", "train"]
+    assert json.loads((outdir / "bottle" / "bbox" / "boxes.json").read_text())["class"] == "bottle"
+    assert sorted(p.name for p in (demo_dataset / "bottle").iterdir()) == ["ground_truth", "test", "train"]
 
 
 def test_dataset_not_modified(demo_dataset, tmp_path):
-    digests = {s: tree_digest(demo_dataset / "grid" / s) for s in ("train", "test", "ground_truth")}
-    run_script("boundbox.py", "--classname", "grid", "--dataset", demo_dataset, check=True)
+    before = dataset_listing(demo_dataset)
+    run_script("boundbox.py", "--classname", "grid", "--dataset", demo_dataset, cwd=tmp_path, check=True)
     run_script("location_describer.py", "--classname", "grid", "--dataset", demo_dataset, "--outdir", tmp_path / "s", check=True)
-    assert digests == {s: tree_digest(demo_dataset / "grid" / s) for s in ("train", "test", "ground_truth")}
+    run_script("boundbox.py", "--classname", "grid", "--dataset", demo_dataset, "--outdir", tmp_path / "s", check=True)
+    assert dataset_listing(demo_dataset) == before
+    assert (tmp_path / "script" / "grid" / "bbox" / "boxes.json").is_file() and (tmp_path / "s" / "grid" / "bbox" / "boxes.json").is_file()
     assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temp files
 
 
 def test_either_order_and_rerun_gives_same_records(demo_dataset, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run_script("location_describer.py", "--classname", "grid", "--dataset", demo_dataset, "--outdir", a, check=True)
-    run_script("boundbox.py", "--classname", "grid", "--dataset", demo_dataset, check=True)
+    run_script("boundbox.py", "--classname", "grid", "--dataset", demo_dataset, "--outdir", b, check=True)
     run_script("location_describer.py", "--classname", "grid", "--dataset", demo_dataset, "--outdir", b, check=True)
     run_script("location_describer.py", "--classname", "grid", "--dataset", demo_dataset, "--outdir", b, check=True)  # rerun overwrites
     for split in ("train", "test"):
-        assert (a / "grid" / f"grid_{split}.jsonl").read_text() == (b / "grid" / f"grid_{split}.jsonl").read_text()
+        ra, rb = (read_jsonl(d / "grid" / f"grid_{split}.jsonl") for d in (a, b))
+        assert [r.pop("bbox_root") for r in ra] == [str(a.resolve())] * len(ra) and [r.pop("bbox_root") for r in rb] == [str(b.resolve())] * len(rb)
+        assert ra == rb
 
 
 def test_empty_mask_reported_and_skipped(tmp_path):
@@ -262,7 +261,7 @@ def test_bad_inputs(script, tmp_path):
 
 
 def test_describer_refuses_boxes_made_with_other_flags(demo_dataset, tmp_path):
-    run_script("boundbox.py", "--classname", "grid", "--dataset", demo_dataset, "--margin", "3", check=True)
+    run_script("boundbox.py", "--classname", "grid", "--dataset", demo_dataset, "--outdir", tmp_path / "s", "--margin", "3", check=True)
     proc = run_script("location_describer.py", "--classname", "grid", "--dataset", demo_dataset, "--outdir", tmp_path / "s")
     assert_user_error(proc, 1, "boxes.json", "--margin 3", "boundbox.py")
     run_script("location_describer.py", "--classname", "grid", "--dataset", demo_dataset, "--outdir", tmp_path / "s", "--margin", "3", check=True)

@@ -17,7 +17,7 @@ from PIL import Image
 
 import inpainting
 import random_box
-from conftest import REPO, assert_user_error, run_script
+from conftest import REPO, assert_user_error, in_process, run_script
 from mvp_diff.boxes import box_mask
 from mvp_diff.dataset import load_class
 from mvp_diff.files import read_jsonl, read_rgb
@@ -74,16 +74,6 @@ def seed_run(tmp_path_factory, demo_dataset_master, tiny_checkpoint, lora_dir):
         "--num_inference_steps", "20", "--guidance_scale", "3.5", "--extract_mask", "--resolution", "64", cwd=work, check=True,
     )
     return work, boxes, paint
-
-
-def in_process(script, *args, cwd):
-    """Run a script's main() in this process (imports are paid once), from `cwd`."""
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        script.main([str(a) for a in args])
-    finally:
-        os.chdir(old)
 
 
 def true_bottle_objects(n=10, size=256):
@@ -234,7 +224,7 @@ def test_seed_command_inpainting_outputs(seed_run):
     entries = manifest(out)
     assert [e["index"] for e in entries] == list(range(100))
     assert len(list(out.glob("test/*/*.png"))) == 100 and len(list(out.glob("ground_truth/*/*_mask.png"))) == 100
-    assert len(list(out.glob("bbox/*/*_mask.png"))) == 100
+    assert len(list((out.parent / "bottle_boxes").glob("*/*_mask.png"))) == 100 and not (out / "bbox").exists()
     boxes = {r["index"]: r for r in read_jsonl(work / "output" / "dataset" / "mask" / "bottle" / "boxes.jsonl")}
     for e in entries:
         assert e["class"] == "bottle" and e["mask_method"] == "default" and e["seed"] == e["index"]

@@ -23,7 +23,7 @@ SEED_FLAGS = ("--pretrained_model_name_or_path checkpoints/inpainting --train_da
 
 @pytest.fixture(scope="module")
 def workdir(demo_dataset_master, tiny_checkpoint, tmp_path_factory):
-    """A user's working folder after Stage 1: dataset/ (with bbox/), script/bottle/*.jsonl, checkpoints/inpainting."""
+    """A user's working folder after Stage 1: dataset/, script/bottle/ (records, bbox/), checkpoints/inpainting."""
     import boundbox
     import location_describer
 
@@ -31,7 +31,7 @@ def workdir(demo_dataset_master, tiny_checkpoint, tmp_path_factory):
     shutil.copytree(demo_dataset_master, root / "dataset")
     (root / "checkpoints").mkdir()
     (root / "checkpoints" / "inpainting").symlink_to(tiny_checkpoint)
-    boundbox.main(["--classname", "bottle", "--dataset", str(root / "dataset")])
+    boundbox.main(["--classname", "bottle", "--dataset", str(root / "dataset"), "--outdir", str(root / "script")])
     location_describer.main(["--classname", "bottle", "--dataset", str(root / "dataset"), "--outdir", str(root / "script")])
     return root
 
@@ -336,6 +336,8 @@ def test_bad_inputs(workdir, tmp_path, capsys):
     assert_user_error(run(*args(train_file=gone)), 1, "999.png", "record 2", "not found")
     no_box = _write(tmp_path / "nobox.jsonl", [dict(records[0], bbox_mask="bottle/bbox/broken_large/999_mask.png")])
     assert_user_error(run(*args(train_file=no_box)), 1, "999_mask.png", "boundbox.py --classname bottle")
+    earlier = _write(tmp_path / "earlier.jsonl", [{k: v for k, v in records[0].items() if k != "bbox_root"}])  # box mask in the dataset
+    assert_user_error(run(*args(train_file=earlier)), 1, "bbox_root", "location_describer.py")
     assert_user_error(run(*args(train_file=_write(tmp_path / "grid.jsonl", [dict(records[0], **{"class": "grid"})]))), 1, "'grid'")
     assert_user_error(run(*args(validation_file=tmp_path / "val.jsonl")), 1, "--validation_file", "val.jsonl")
 

@@ -2,10 +2,11 @@
 a generated folder in MVTec layout (Stage 3's output, or any other generator's).
 
 Generated folder, per class (GENERATED/CLASS/ or the class folder itself):
-    test/DEFECT/NNN.png                  generated image          (required)
-    ground_truth/DEFECT/NNN_mask.png     its precise mask         (required)
-    bbox/DEFECT/NNN_mask.png             its box mask             (optional: setting (c) needs it)
-    manifest.jsonl                       per-sample fields        (optional: prompts, boxes, good_image)
+    CLASS/test/DEFECT/NNN.png                generated image          (required)
+    CLASS/ground_truth/DEFECT/NNN_mask.png   its precise mask         (required)
+    CLASS/manifest.jsonl                     per-sample fields        (optional: prompts, boxes, good_image)
+    CLASS_boxes/DEFECT/NNN_mask.png          its box mask, beside CLASS/ (optional: setting (c) needs it
+                                             or the manifest's boxes)
 """
 
 import math
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..boxes import box_mask
-from ..dataset import BBOX_DIR, GOOD, ClassData, image_files, load_class, masks_by_stem, pair_masks, split_anomalies
+from ..dataset import BBOX_DIR, GOOD, ClassData, generated_boxes_dir, image_files, load_class, masks_by_stem, pair_masks, split_anomalies
 from ..errors import UserError
 from ..files import image_size, read_jsonl, read_mask
 
@@ -153,6 +154,9 @@ def _resolve(folder, value):
 def load_generated(generated, classname, mask_suffix="_mask"):
     """{defect: [Sample]} of a generated folder, and notes. Pairing and sizes are checked up front."""
     folder = generated_class_dir(generated, classname)
+    if (folder / BBOX_DIR).is_dir():
+        raise UserError(f"{folder / BBOX_DIR}: box masks in the earlier layout (MVTec readers take them for samples); "
+                        f"rerun the command that made them (inpainting.py, python -m mvp_diff.draem) to move them to {generated_boxes_dir(folder)}/, or move the folder there")
     manifest = _manifest_index(folder)
     test_dir, gt_dir = folder / "test", folder / "ground_truth"
     defect_dirs = sorted(p for p in test_dir.iterdir() if p.is_dir() and p.name != GOOD)
@@ -165,7 +169,7 @@ def load_generated(generated, classname, mask_suffix="_mask"):
         if not images:
             raise UserError(f"{ddir}: no generated images in this defect-type folder; generate some or remove it")
         pairs = pair_masks(images, gt_dir / ddir.name, mask_suffix)
-        boxes = masks_by_stem(folder / BBOX_DIR / ddir.name, mask_suffix, strict=False)
+        boxes = masks_by_stem(generated_boxes_dir(folder) / ddir.name, mask_suffix, strict=False)
         found = []
         for im, mask in pairs.items():
             box = boxes.get(im.stem)
@@ -189,12 +193,12 @@ def load_generated(generated, classname, mask_suffix="_mask"):
                 n_box_from_manifest += 1
         samples[ddir.name] = found
     if n_box_from_manifest:
-        notes.append(f"{folder}: {n_box_from_manifest} box mask(s) drawn from the boxes in {MANIFEST} (no bbox/DEFECT/*{mask_suffix}.png files)")
+        notes.append(f"{folder}: {n_box_from_manifest} box mask(s) drawn from the boxes in {MANIFEST} (no {generated_boxes_dir(folder).name}/DEFECT/*{mask_suffix}.png files)")
     return folder, samples, notes
 
 
 def read_box_mask(sample: Sample):
-    """bool box mask of a generated sample: its bbox/DEFECT/NNN_mask.png, else drawn from the manifest's boxes."""
+    """bool box mask of a generated sample: its CLASS_boxes/DEFECT/NNN_mask.png, else drawn from the manifest's boxes."""
     if sample.box_mask is not None:
         return read_mask(sample.box_mask)
     width, height = image_size(sample.image)

@@ -95,18 +95,23 @@ def store(path: Path, key, result):
 
 def versions():
     import sklearn
-    import torch_fidelity
     import torchvision
 
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package):  # torch-fidelity and lpips are the optional `eval` extra
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
 
     return {
         "mvp_diff": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "torch-fidelity": torch_fidelity.__version__,
-        "lpips": version("lpips"),
+        "torch-fidelity": installed("torch-fidelity"),
+        "lpips": installed("lpips"),
         "numpy": np.__version__,
         "scikit-learn": sklearn.__version__,
     }
@@ -212,7 +217,7 @@ def segmentation_for_class(cfg, split, generated, work, notes):
         if usable and len(boxed) == len(usable):
             pools["c"] = real + [(s, True) for s in boxed]
         elif usable:
-            notes.append(f"{name}: setting (c) skipped: {len(usable) - len(boxed)} generated sample(s) have no bbox/DEFECT/NNN_mask.png and no boxes in manifest.jsonl")
+            notes.append(f"{name}: setting (c) skipped: {len(usable) - len(boxed)} generated sample(s) have no box mask (CLASS_boxes/DEFECT/NNN_mask.png) and no boxes in manifest.jsonl")
         else:
             notes.append(f"{name}: setting (c) skipped: no generated pairs (pass --generated)")
     if "d" in cfg.settings:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..errors import UserError
 from ..files import image_size, read_rgb
@@ -279,7 +279,7 @@ def load_images(paths, size, desc="images"):
     from PIL import Image
 
     out = []
-    for p in tqdm(paths, desc=desc, leave=False, disable=len(paths) < 50):
+    for p in progress_bar(paths, desc=desc, leave=False, disable=len(paths) < 50):
         image = Image.fromarray(read_rgb(p)).resize((size, size), Image.BILINEAR)
         out.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
     return torch.stack(out) if out else torch.zeros((0, 3, size, size), dtype=torch.uint8)
@@ -307,7 +307,7 @@ def _cluster_values(distances, generated, real, choose, lonely, desc):
     the members `choose` keeps (`lonely` under two). Returns (values, cluster sizes before choosing)."""
     assign = nearest(distances, generated, real)
     values, sizes = [], []
-    for k in tqdm(range(len(real)), desc=desc, leave=False, disable=len(real) < 5):
+    for k in progress_bar(range(len(real)), desc=desc, leave=False, disable=len(real) < 5):
         members = np.flatnonzero(assign == k)
         sizes.append(int(len(members)))
         members = choose(members)

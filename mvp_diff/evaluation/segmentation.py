@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..files import read_mask, read_rgb
 from . import metrics as M
@@ -111,7 +111,7 @@ class PairDataset(Dataset):
         threads = max(1, num_workers)
         with ThreadPoolExecutor(threads) as pool:
             jobs = pool.map(lambda pair: load_pair(pair[0], size, pair[1]), self.items)
-            loaded = list(tqdm(jobs, total=len(self.items), desc=desc, leave=False, disable=len(self.items) < 50))
+            loaded = list(progress_bar(jobs, total=len(self.items), desc=desc, leave=False, disable=len(self.items) < 50))
         self.images = np.stack([im for im, _ in loaded]) if loaded else np.zeros((0, size, size, 3), np.uint8)
         self.masks = np.stack([m for _, m in loaded]) if loaded else np.zeros((0, size, size), bool)
         self.labels = np.array([s.is_anomaly for s, _ in self.items], bool)
@@ -182,7 +182,7 @@ def predict(model, dataset, cfg, desc="predict"):
     model.eval()
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
     maps = []
-    for images, _, _ in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 5):
+    for images, _, _ in progress_bar(loader, desc=desc, leave=False, disable=len(loader) < 5):
         with _autocast(cfg, cfg.predict_mixed_precision):
             logits = model(images.to(cfg.device))
         maps.append(logits.float().softmax(dim=1)[:, 1].cpu().numpy())
@@ -216,7 +216,7 @@ def train_model(good_set, anomaly_set, val_set, cfg: TrainConfig, desc="train"):
     best = {"epoch": cfg.epochs, "val_pixel_ap": math.nan, "val_threshold": None}
     best_state, history = None, []
     model.train()
-    bar = tqdm(loader, total=total, desc=desc, leave=False)
+    bar = progress_bar(loader, total=total, desc=desc)
     for step, (images, masks, _) in enumerate(bar, 1):
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         with _autocast(cfg):

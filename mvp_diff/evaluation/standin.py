@@ -10,11 +10,11 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..boxes import box_mask, boxes_from_mask
 from ..cli_args import add_dataset_args
-from ..dataset import generated_paths, load_class, split_anomalies
+from ..dataset import class_relative, generated_paths, load_class, split_anomalies
 from ..errors import UsageError, cli
 from ..files import atomic_write_jsonl, is_grey, read_mask, read_rgb, save_image
 from ..prompts import describe
@@ -28,7 +28,7 @@ def build_standin(dataset, classname, out, num=10, seed=0, train_fraction=1 / 3,
     records = []
     for defect in class_data.defect_types:
         sources, _ = split_anomalies(class_data.anomalies[defect], train_fraction)
-        for i in tqdm(range(num), desc=f"stand-in {classname}/{defect}", leave=False):
+        for i in progress_bar(range(num), desc=f"stand-in {classname}/{defect}"):
             source = sources[i % len(sources)]
             good_path = class_data.train_good[int(rng.integers(len(class_data.train_good)))]
             good, image, mask = read_rgb(good_path), read_rgb(source.image), read_mask(source.mask)
@@ -43,7 +43,7 @@ def build_standin(dataset, classname, out, num=10, seed=0, train_fraction=1 / 3,
             paths = {
                 "image": image_path.relative_to(folder).as_posix(),
                 "mask": mask_path.relative_to(folder).as_posix(),
-                "box_mask": box_path.relative_to(folder).as_posix(),
+                "box_mask": class_relative(box_path, folder),
                 "good_image": str(Path(good_path).resolve()),
             }
             height, width = mask.shape
