@@ -119,10 +119,10 @@ def main(argv=None):
     )  # fmt: skip
     results = evaluate(cfg)
     report = write_report(args.out, results)
-    for name, c in results["classes"].items():
-        seg = (c.get("segmentation") or {}).get("settings", {})
-        ious = ", ".join(f"({k}) {100 * (r['metrics']['iou'] or 0):.1f}" for k, r in seg.items())
-        q = c.get("quality", {}).get("mean")
+    for name, c in results.classes.items():
+        seg = c.segmentation.settings if c.segmentation else {}
+        ious = ", ".join(f"({k}) {100 * (r.metrics['iou'] or 0):.1f}" for k, r in seg.items())
+        q = c.quality.mean if c.quality else None
         line = f"{name}: IoU {ious}" if ious else f"{name}:"
         if q:
             line += f"; IS {q['is']:.2f}, IC-LPIPS (a) {q['ic_lpips_a']:.3f} (b) {q['ic_lpips_b']:.3f}"

@@ -280,11 +280,11 @@ def test_model_selection_never_reads_the_test_set(demo_dataset_master, standin, 
         parts=("segmentation",), train=S.TrainConfig(image_size=64, epochs=3, base_channels=8), testing=True,
     )  # fmt: skip
     results = P.evaluate(cfg)
-    settings = results["classes"]["grid"]["segmentation"]["settings"]
+    settings = results.classes["grid"].segmentation.settings
     assert list(settings) == ["a", "b", "c", "d"]
     assert state["test_reads_in_training"] == [] and state["train_reads"] > 0
     assert state["test_predictions"] == [1, 2, 3, 4]  # once per setting, each after its training
-    steps = {r["selection"]["steps"] for r in settings.values()}
+    steps = {r.selection["steps"] for r in settings.values()}
     assert steps == {3 * 2}  # same budget: ceil(7 train/good / 4) steps x 3 epochs in every setting
 
 

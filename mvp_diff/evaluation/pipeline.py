@@ -2,7 +2,7 @@
 gallery images; then the report. Finished parts are cached under OUT/work/ with a fingerprint of
 their inputs, so a rerun (or a run killed half way) only redoes what changed."""
 
-import hashlib
+import functools
 import json
 import math
 import platform
@@ -17,9 +17,11 @@ import torch
 from .. import __version__
 from ..draem import synthesize
 from ..errors import UserError
-from ..files import atomic_write_json, read_mask, read_rgb, save_image
+from ..files import read_mask, read_rgb, save_image
 from . import quality as Q
+from .cache import reuse_or_compute
 from .data import Sample, check_no_leak, has_box, load_generated, read_box_mask, real_split
+from .results import ClassResult, EvaluationResult, QualityResult, SegmentationResult, SettingResult
 from .segmentation import PairDataset, TrainConfig, evaluate_model, train_model
 
 SETTINGS = {
@@ -66,31 +68,6 @@ def lpips_nets(cfg):
     return cfg.lpips_net, cfg.lpips_net
 
 
-def fingerprint(obj, files=()):
-    """sha1 of a JSON-able object plus (path, size, mtime) of files: what a cached result depends on."""
-    h = hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode())
-    for f in files:
-        st = Path(f).stat()
-        h.update(f"{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def cached(path: Path, key):
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None
-        if saved.get("fingerprint") == key:
-            return saved["result"]
-    return None
-
-
-def store(path: Path, key, result):
-    atomic_write_json(path, {"fingerprint": key, "result": result})
-    return result
-
-
 def versions():
     import sklearn
     import torch_fidelity
@@ -134,10 +111,8 @@ def quality_for_class(cfg, split, generated, work, lpips_cache, notes):
         real_train = [s.image for s in split.generator_train.get(defect, [])]
         real_all = [a.image for a in split.class_data.anomalies.get(defect, [])]
         files = [s.image for s in samples]
-        key = fingerprint({**params, "nets": [net_a, net_b], "defect": defect, "real_train": [str(p) for p in real_train]}, files + real_all)
-        path = work / "quality" / f"{defect}.json"
-        row = cached(path, key)
-        if row is None:
+
+        def compute():
             is_mean, is_std, splits = Q.inception_score(
                 files, cfg.device, cfg.quality_batch_size, cfg.isc_splits, cfg.inception_weights, cfg.testing, num_workers=cfg.train.num_workers
             )
@@ -152,13 +127,16 @@ def quality_for_class(cfg, split, generated, work, lpips_cache, notes):
                     lpips_cache.distance(net_b), gen, Q.load_images(real_all, cfg.lpips_size), cfg.ic_cluster_cap
                 )
                 row.update(clusters_a=sizes_a, clusters_b=sizes_b)
-            store(path, key, row)
+            return row
+
+        inputs = {**params, "nets": [net_a, net_b], "defect": defect, "real_train": [str(p) for p in real_train]}
+        row = reuse_or_compute(work / "quality" / f"{defect}.json", inputs, files + real_all, compute)
         if not real_all:
             notes.append(f"{split.class_data.name}/{defect}: no real anomalies of this type; IC-LPIPS skipped for it")
         rows[defect] = row
     mean = {k: Q.nanmean([r[k] for r in rows.values()]) for k in ("is", "ic_lpips_a", "ic_lpips_b")}
     mean["n"] = sum(r["n"] for r in rows.values())
-    return {"per_defect": rows, "mean": mean, "lpips_net_a": net_a, "lpips_net_b": net_b}
+    return QualityResult(per_defect=rows, mean=mean, lpips_net_a=net_a, lpips_net_b=net_b)
 
 
 # --- segmentation --------------------------------------------------------------------------------
@@ -223,33 +201,36 @@ def segmentation_for_class(cfg, split, generated, work, notes):
     base = {k: v for k, v in asdict(tcfg).items() if k not in ("device", "num_workers")}
     split_key = {"good": [str(s.image) for s in split.train_good], "val": _items_key([(s, False) for s in split.val_set()]),
                  "test": _items_key([(s, False) for s in split.test_set()])}  # fmt: skip
-    todo = {}
+
+    @functools.cache
+    def good_and_val():  # loaded only when a setting is not cached
+        return (PairDataset(split.train_good, tcfg.image_size, tcfg.num_workers, desc=f"{name}: train/good"),
+                PairDataset(split.val_set(), tcfg.image_size, tcfg.num_workers, desc=f"{name}: validation"))  # fmt: skip
+
+    @functools.cache
+    def test_set():  # read only after the first model is final
+        return PairDataset(split.test_set(), tcfg.image_size, tcfg.num_workers, desc=f"{name}: test")
+
+    def run_setting(key, items):
+        good_set, val_set = good_and_val()
+        anomaly_set = PairDataset(items, tcfg.image_size, tcfg.num_workers, desc=f"{name} ({key}): anomalies")
+        model, selection = train_model(good_set, anomaly_set, val_set, tcfg, desc=f"{name} ({key})")
+        overall, per_defect = evaluate_model(model, test_set(), tcfg, selection["val_threshold"], desc=f"{name} ({key}): test")
+        counts = {"good": len(good_set), "real": len(real), "added": len(items) - len(real)}
+        return SettingResult(metrics=overall, per_defect=per_defect, selection=selection, train_counts=counts)
+
     results = {}
-    for key, items in pools.items():
+    for key in SETTINGS:
+        if key not in pools:
+            continue
+        items = pools[key]
         files = [f for s, box in items for f in (s.image, s.mask, s.box_mask if box else None) if f is not None]
-        fp = fingerprint({"train": base, "split": split_key, "items": _items_key(items)}, files)
-        path = work / "segmentation" / f"{key}.json"
-        hit = cached(path, fp)
-        if hit is not None:
-            results[key] = hit
-        else:
-            todo[key] = (items, fp, path)
-    if todo:
-        good_set = PairDataset(split.train_good, tcfg.image_size, tcfg.num_workers, desc=f"{name}: train/good")
-        val_set = PairDataset(split.val_set(), tcfg.image_size, tcfg.num_workers, desc=f"{name}: validation")
-        test_set = None
-        for key, (items, fp, path) in todo.items():
-            anomaly_set = PairDataset(items, tcfg.image_size, tcfg.num_workers, desc=f"{name} ({key}): anomalies")
-            model, selection = train_model(good_set, anomaly_set, val_set, tcfg, desc=f"{name} ({key})")
-            if test_set is None:  # read only now, after the first model is final
-                test_set = PairDataset(split.test_set(), tcfg.image_size, tcfg.num_workers, desc=f"{name}: test")
-            overall, per_defect = evaluate_model(model, test_set, tcfg, selection["val_threshold"], desc=f"{name} ({key}): test")
-            counts = {"good": len(good_set), "real": len(real), "added": len(items) - len(real)}
-            results[key] = store(path, fp, {"metrics": overall, "per_defect": per_defect, "selection": selection, "train_counts": counts})
-    ordered = {k: results[k] for k in SETTINGS if k in results}
-    first = next(iter(ordered.values()), None)
-    steps = first["selection"]["steps"] if first else 0
-    return {"settings": ordered, "steps": steps, "steps_per_epoch": first["selection"]["steps_per_epoch"] if first else 0}
+        inputs = {"train": base, "split": split_key, "items": _items_key(items)}
+        results[key] = reuse_or_compute(work / "segmentation" / f"{key}.json", inputs, files, lambda: run_setting(key, items), SettingResult)
+    first = next(iter(results.values()), None)
+    return SegmentationResult(
+        settings=results, steps=first.selection["steps"] if first else 0, steps_per_epoch=first.selection["steps_per_epoch"] if first else 0
+    )
 
 
 # --- gallery -------------------------------------------------------------------------------------
@@ -332,18 +313,17 @@ def evaluate(cfg: EvalConfig):
             no_good = sum(s.good_image is None for v in generated.values() for s in v)
             if no_good:
                 notes.append(f"{name}: {no_good} generated sample(s) without a defect-free image in manifest.jsonl (gallery shows none for them)")
-        result = {"counts": split.counts(), "generated": str(gen_dir) if gen_dir else None,
-                  "generated_counts": {d: len(v) for d, v in (generated or {}).items()}}  # fmt: skip
+        result = ClassResult(counts=split.counts(), generated=str(gen_dir) if gen_dir else None,
+                             generated_counts={d: len(v) for d, v in (generated or {}).items()}, notes=notes)  # fmt: skip
         if "quality" in cfg.parts:
             if generated:
-                result["quality"] = quality_for_class(cfg, split, generated, work, lpips_cache, notes)
+                result.quality = quality_for_class(cfg, split, generated, work, lpips_cache, notes)
             else:
                 notes.append(f"{name}: generation quality skipped: no --generated folder")
         if "segmentation" in cfg.parts:
-            result["segmentation"] = segmentation_for_class(cfg, split, generated, work, notes)
+            result.segmentation = segmentation_for_class(cfg, split, generated, work, notes)
         if "gallery" in cfg.parts and generated:
-            result["gallery"] = gallery_for_class(cfg, generated, out)
-        result["notes"] = notes
+            result.gallery = gallery_for_class(cfg, generated, out)
         classes[name] = result
     protocol = {
         "command": cfg.command,
@@ -360,4 +340,4 @@ def evaluate(cfg: EvalConfig):
         "ic_cluster_cap": cfg.ic_cluster_cap,
         "random_weights_for_testing": cfg.testing,
     }
-    return {"protocol": protocol, "versions": versions(), "classes": classes}
+    return EvaluationResult(protocol=protocol, versions=versions(), classes=classes)

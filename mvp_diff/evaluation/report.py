@@ -10,6 +10,7 @@ import numpy as np
 
 from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .pipeline import SETTINGS
+from .results import EvaluationResult
 
 PUBLISHED = (
     "Published MVTec AD averages, each under its authors' own protocol (peers select the epoch on the test set): "
@@ -41,26 +42,13 @@ def _table(header, rows):
     return "\n".join(lines)
 
 
-def clean(obj):
-    """JSON-safe copy: NaN and inf become null."""
-    if isinstance(obj, dict):
-        return {str(k): clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
 def quality_section(name, quality):
-    net_a, net_b = quality["lpips_net_a"], quality["lpips_net_b"]
+    net_a, net_b = quality.lpips_net_a, quality.lpips_net_b
     rows = [
         [d, r["n"], f"{_num(r['is'], 2)} ± {_num(r['is_std'], 2)} ({r['is_splits']} split{'s' if r['is_splits'] > 1 else ''})", _num(r["ic_lpips_a"], 3), _num(r["ic_lpips_b"], 3)]
-        for d, r in quality["per_defect"].items()
+        for d, r in quality.per_defect.items()
     ]
-    m = quality["mean"]
+    m = quality.mean
     rows.append(["**mean**", m["n"], f"**{_num(m['is'], 2)}**", f"**{_num(m['ic_lpips_a'], 3)}**", f"**{_num(m['ic_lpips_b'], 3)}**"])
     header = ["defect type", "generated", "IS", f"IC-LPIPS (a) AnomalyDiffusion, {net_a}", f"IC-LPIPS (b) DFMGAN/SeaS, {net_b}"]
     return f"**Generation quality** ({name})\n\n" + _table(header, rows)
@@ -70,19 +58,18 @@ def segmentation_section(name, seg, counts, image_size):
     n_test = sum(c["test"] for d, c in counts.items() if d != "good")
     n_good = counts["good"]["test"]
     rows = []
-    for key, r in seg["settings"].items():
-        m = r["metrics"]
-        c = r["train_counts"]
-        rows.append([f"({key}) {SETTINGS[key]}", c["real"] + c["added"]] + [_pct(m.get(k)) for k, _ in SEG_COLUMNS] + [r["selection"]["epoch"]])
+    for key, r in seg.settings.items():
+        c = r.train_counts
+        rows.append([f"({key}) {SETTINGS[key]}", c["real"] + c["added"]] + [_pct(r.metrics.get(k)) for k, _ in SEG_COLUMNS] + [r.selection["epoch"]])
     header = ["setting", "train pairs"] + [label for _, label in SEG_COLUMNS] + ["selected epoch"]
     text = (
         f"**Downstream segmentation** ({name}; test: {n_test} real held-out anomalies + {n_good} test/good; "
-        f"pixel metrics at {image_size}x{image_size}; {seg['steps']} steps per setting)\n\n" + _table(header, rows)
+        f"pixel metrics at {image_size}x{image_size}; {seg.steps} steps per setting)\n\n" + _table(header, rows)
     )
-    defects = sorted({d for r in seg["settings"].values() for d in r["per_defect"]})
+    defects = sorted({d for r in seg.settings.values() for d in r.per_defect})
     if defects:
-        keys = list(seg["settings"])
-        per = [[d, seg["settings"][keys[0]]["per_defect"].get(d, {}).get("n", 0)] + [_pct(seg["settings"][k]["per_defect"].get(d, {}).get("iou")) for k in keys] for d in defects]
+        keys = list(seg.settings)
+        per = [[d, seg.settings[keys[0]].per_defect.get(d, {}).get("n", 0)] + [_pct(seg.settings[k].per_defect.get(d, {}).get("iou")) for k in keys] for d in defects]
         text += "\n\nIoU by defect type (its test anomalies with all test/good images):\n\n" + _table(["defect type", "test anomalies"] + [f"({k})" for k in keys], per)
     return text
 
@@ -93,13 +80,13 @@ def write_plot(path, classes):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n, c in classes.items() if c.get("segmentation")]
-    keys = [k for k in SETTINGS if any(k in classes[n]["segmentation"]["settings"] for n in names)]
+    names = [n for n, c in classes.items() if c.segmentation]
+    keys = [k for k in SETTINGS if any(k in classes[n].segmentation.settings for n in names)]
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names) * max(1, len(keys)) / 2), 3.6), dpi=110)
     width = 0.8 / max(1, len(keys))
     colours = {"a": "#8c8c8c", "b": "#d62728", "c": "#ff9896", "d": "#1f77b4"}
     for i, key in enumerate(keys):
-        values = [100 * (classes[n]["segmentation"]["settings"].get(key, {}).get("metrics", {}).get("iou") or 0.0) for n in names]
+        values = [100 * ((r.metrics.get("iou") if (r := classes[n].segmentation.settings.get(key)) else None) or 0.0) for n in names]
         xs = np.arange(len(names)) + (i - (len(keys) - 1) / 2) * width
         bars = ax.bar(xs, values, width, label=f"({key}) {SETTINGS[key]}", color=colours[key])
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
@@ -125,7 +112,7 @@ def write_gallery(path, classes):
         "<p>Per sample: the defect-free image it was made from, the generated image, its box (green) and its precise mask (red).</p>",
     ]
     for name, c in classes.items():
-        entries = c.get("gallery") or []
+        entries = c.gallery or []
         parts.append(f"<h2>{html.escape(name)}</h2>")
         if not entries:
             parts.append("<p>No generated samples.</p>")
@@ -145,12 +132,12 @@ def write_gallery(path, classes):
     atomic_write_text(path, "\n".join(parts) + "\n")
 
 
-def write_report(out, results):
+def write_report(out, results: EvaluationResult):
     """Write every report file under `out`; returns the report.md path."""
     out = Path(out)
-    classes, protocol = results["classes"], results["protocol"]
-    atomic_write_json(out / "metrics.json", clean(results))
-    has_seg = any(c.get("segmentation") for c in classes.values())
+    classes, protocol = results.classes, results.protocol
+    atomic_write_json(out / "metrics.json", results.to_json())
+    has_seg = any(c.segmentation for c in classes.values())
     if has_seg:
         write_plot(out / "iou.png", classes)
     write_gallery(out / "gallery.html", classes)
@@ -165,12 +152,12 @@ def write_report(out, results):
     lines += ["Samples with their boxes and masks: [gallery.html](gallery.html)", "", "## Results", ""]
     for name, c in classes.items():
         lines += [f"### {name}", ""]
-        if c.get("quality"):
-            lines += [quality_section(name, c["quality"]), ""]
-        if c.get("segmentation"):
-            lines += [segmentation_section(name, c["segmentation"], c["counts"], train["image_size"]), ""]
-        if c["notes"]:
-            lines += ["Notes:", ""] + [f"- {n}" for n in c["notes"]] + [""]
+        if c.quality:
+            lines += [quality_section(name, c.quality), ""]
+        if c.segmentation:
+            lines += [segmentation_section(name, c.segmentation, c.counts, train["image_size"]), ""]
+        if c.notes:
+            lines += ["Notes:", ""] + [f"- {n}" for n in c.notes] + [""]
     lines += [
         "## Protocol",
         "",
@@ -197,8 +184,8 @@ def write_report(out, results):
         "",
     ]
     for name, c in classes.items():
-        rows = [[d, v.get("generator_train", ""), v["downstream_train"], v["validation"], v["test"]] for d, v in c["counts"].items()]
+        rows = [[d, v.get("generator_train", ""), v["downstream_train"], v["validation"], v["test"]] for d, v in c.counts.items()]
         lines += [f"{name}:", "", _table(["defect type", "generator-train", "downstream train", "validation", "test"], rows), ""]
-    lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
+    lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in results.versions.items()), ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return out / "report.md"

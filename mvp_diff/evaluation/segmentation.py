@@ -16,7 +16,6 @@ data.real_split) and the best pixel AP is kept. The test set is only read after 
 
 import copy
 import math
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -261,10 +260,3 @@ def evaluate_model(model, test_set, cfg, val_threshold=None, desc="test"):
         }
     return overall, per_defect
 
-
-def run_setting(good_set, anomaly_set, val_set, test_set, cfg, desc="train"):
-    """Train, select on validation, then test once. Returns a result dict."""
-    start = time.time()
-    model, selection = train_model(good_set, anomaly_set, val_set, cfg, desc=desc)
-    overall, per_defect = evaluate_model(model, test_set, cfg, selection["val_threshold"], desc=f"{desc}: test")
-    return {"metrics": overall, "per_defect": per_defect, "selection": selection, "seconds": round(time.time() - start, 1)}
