@@ -2,13 +2,16 @@
 
 All pixels of all test images are pooled (as the field reports them). The ROC and precision-recall
 points are taken at every distinct score, so AUROC and AP equal scikit-learn's `roc_auc_score` and
-`average_precision_score`; F1-max is the best F1 over those thresholds and IoU is measured at the
-same threshold (pooled: IoU = TP / (TP + FP + FN)). Undefined values (no positives or no negatives)
-are NaN.
+`average_precision_score`; F1-max is the best F1 over those thresholds. The pooled IoU at that same
+threshold is F1 / (2 - F1), so it carries no information beyond F1-max; the IoUs worth reporting are
+`per_image_best_iou` (SeaS/LFD) and the IoU at a threshold chosen on validation data (`iou_at`).
+AUPRO is the per-region overlap curve's area up to a false-positive rate of 0.3. Undefined values
+(no positives or no negatives) are NaN.
 """
 
 import math
 
+import cv2
 import numpy as np
 
 
@@ -66,6 +69,82 @@ def _f1_max(tps, fps, thresholds):
     return float(f1[best]), float(thresholds[best]), float(iou)
 
 
+def image_f1_max(labels, scores):
+    """Best F1 of image scores against image labels over every threshold, as AnomalyDiffusion
+    (`test-localization.py`) and LFD (`models/_LFD.py`) take it from scikit-learn's
+    `precision_recall_curve`; note the (labels, scores) order of those callers."""
+    return _f1_max(*_counts(scores, labels))[0]
+
+
+def per_image_best_iou(scores, gt_masks):
+    """SeaS's IoU, computed by its segmentation model LFD (HUST-SLOW/LFD `utils/utils.py` `iou_curve`,
+    called per test image in `models/_LFD.py`): for every test image with a defect, the best
+    TP / (TP + FP + FN) over all thresholds at its own distinct scores (pixel positive when
+    score >= threshold), averaged over those images; defect-free images take no part.
+
+    `scores` and `gt_masks` are N x H x W. NaN when no image has a defect pixel."""
+    scores = np.asarray(scores, dtype=np.float64)
+    gt_masks = np.asarray(gt_masks).astype(bool)
+    if scores.shape != gt_masks.shape:
+        raise ValueError(f"scores {scores.shape} and masks {gt_masks.shape} differ")
+    best = []
+    for image_scores, mask in zip(scores, gt_masks):
+        if mask.any():
+            tps, fps, _ = _counts(image_scores, mask)
+            best.append(float(np.max(tps / (fps + tps[-1]))))  # TP + FN = all positives
+    return float(np.mean(best)) if best else math.nan
+
+
+def _regions(gt_masks):
+    """(region id per pixel, 0 = defect-free, 1..K), number of regions K, pixels per region) of
+    N x H x W masks; regions are 8-connected components of each image's mask, as in both references."""
+    ids = np.zeros(gt_masks.shape, np.int64)
+    count = 0
+    for image_ids, mask in zip(ids, gt_masks):
+        n, labelled = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+        image_ids[...] = np.where(labelled > 0, labelled + count, 0)
+        count += n - 1
+    return ids, count, np.bincount(ids.ravel(), minlength=count + 1)
+
+
+def aupro(scores, gt_masks, fpr_limit=0.3):
+    """Area under the per-region overlap (PRO) curve up to `fpr_limit`, divided by `fpr_limit`.
+
+    At a threshold t, PRO is the mean over all ground-truth regions (8-connected components of each
+    image's mask, all images pooled) of the fraction of the region's pixels with score >= t, and the
+    FPR is the fraction of all defect-free pixels with score >= t. This is the definition of
+    anomalib (`src/anomalib/metrics/aupro.py`, default exact thresholds) and of the MVTec code that
+    AnomalyDiffusion ships (`unet_utils/au_pro_util.py`, `calculate_au_pro` with integration limit
+    0.3, divided by 0.3). Here the curve is exact: one point at every distinct score (both
+    references resample or subsample it), from (0, 0), integrated by trapezoids with the point at
+    `fpr_limit` linearly interpolated.
+
+    `scores` and `gt_masks` are N x H x W. NaN when there is no region or no defect-free pixel."""
+    scores = np.asarray(scores, dtype=np.float64)
+    gt_masks = np.asarray(gt_masks).astype(bool)
+    if scores.shape != gt_masks.shape:
+        raise ValueError(f"scores {scores.shape} and masks {gt_masks.shape} differ")
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"fpr_limit {fpr_limit} is not in (0, 1]")
+    ids, n_regions, sizes = _regions(gt_masks.reshape((-1,) + gt_masks.shape[-2:]))
+    ids = ids.ravel()
+    n_normal = int(sizes[0])
+    if n_regions == 0 or n_normal == 0:
+        return math.nan
+    # each region pixel adds 1 / (its region's size x number of regions) to PRO when it turns positive
+    weight = np.where(ids > 0, 1.0 / (sizes[ids] * n_regions), 0.0)
+    order = np.argsort(-scores.ravel(), kind="stable")
+    sorted_scores = scores.ravel()[order]
+    last = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1]  # end of each tie run
+    pro = np.r_[0.0, np.cumsum(weight[order])[last]]
+    fpr = np.r_[0.0, np.cumsum(ids[order] == 0)[last] / n_normal]
+    end = int(np.searchsorted(fpr, fpr_limit, side="left"))  # first point at or past the limit
+    x, y = fpr[:end], pro[:end]
+    y_limit = y[-1] + (pro[end] - y[-1]) * (fpr_limit - x[-1]) / (fpr[end] - x[-1])
+    x, y = np.r_[x, fpr_limit], np.r_[y, y_limit]
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2) / fpr_limit)
+
+
 def iou_at(scores, labels, threshold):
     """Pooled IoU of (score >= threshold) against the labels; NaN when both are empty."""
     pred = np.asarray(scores).ravel() >= threshold
@@ -78,7 +157,9 @@ def segmentation_metrics(maps, masks, image_labels=None, val_threshold=None):
     """Metrics of anomaly maps (N x H x W, higher = more anomalous) against bool masks (N x H x W).
 
     Image labels default to "mask has a pixel"; the image score is the maximum of its map.
-    `val_threshold` (chosen on validation data) adds `iou_val_threshold`.
+    `val_threshold` (chosen on validation data) adds `iou_val_threshold`. "iou" is the pooled IoU at
+    the test set's F1-max threshold, i.e. pixel_f1_max / (2 - pixel_f1_max): kept for existing
+    readers, not a metric of its own; "per_image_iou" is SeaS/LFD's IoU.
     """
     maps = np.asarray(maps, dtype=np.float32)
     masks = np.asarray(masks).astype(bool)
@@ -94,8 +175,11 @@ def segmentation_metrics(maps, masks, image_labels=None, val_threshold=None):
         "pixel_f1_max": f1,
         "iou": iou,
         "threshold": threshold,
+        "per_image_iou": per_image_best_iou(maps, masks),
+        "aupro": aupro(maps, masks),
         "image_auroc": auroc(image_scores, labels),
         "image_ap": average_precision(image_scores, labels),
+        "image_f1_max": image_f1_max(labels, image_scores),
     }
     if val_threshold is not None:
         out["iou_val_threshold"] = iou_at(maps, masks, val_threshold)
