@@ -28,10 +28,9 @@ def clean(obj):
 class QualityResult:
     """IS and IC-LPIPS of one class's generated images: a row per defect type and their mean."""
 
-    per_defect: dict  # defect -> {"n", "is", "is_std", "is_splits", "ic_lpips_a", "ic_lpips_b", ...}
+    per_defect: dict  # defect -> {"n", "is", "is_std", "is_splits", "ic_lpips_ojha", "ic_lpips_dfmgan", "ic_lpips_seas", ...}
     mean: dict
-    lpips_net_a: str
-    lpips_net_b: str
+    lpips_nets: dict  # IC-LPIPS variant -> backbone
 
 
 @dataclass
@@ -54,9 +53,10 @@ class SegmentationResult:
 @dataclass
 class ClassResult:
     counts: dict  # defect -> {"generator_train", "downstream_train", "validation", "test"}
-    generated: str = None
-    generated_counts: dict = field(default_factory=dict)
-    quality: QualityResult = None
+    generated: dict = field(default_factory=dict)  # generator name -> its class folder
+    generated_counts: dict = field(default_factory=dict)  # generator name -> {defect: samples}
+    quality: dict = None  # generator name -> QualityResult
+    classification: dict = None  # generator name -> {"accuracy", "types", "n_test", "per_type"}
     segmentation: SegmentationResult = None
     gallery: list = None
     notes: list = field(default_factory=list)
@@ -67,6 +67,7 @@ class EvaluationResult:
     protocol: dict  # what was run, as the report states it
     versions: dict
     classes: dict  # classname -> ClassResult
+    mean: dict = field(default_factory=dict)  # over classes: {"classes", "segmentation": {setting: metrics}, "quality": {generator: means}}
 
     def to_json(self):
         return clean(self)
