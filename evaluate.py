@@ -18,9 +18,10 @@ DRAEM's U-Net and budget; last epoch, and beside it the peer's test-set-selected
 --protocol seas: split floor(n/3); generated + real generator-train anomalies; fixed last epoch;
 per-image IoU. Every model is tested on the held-out real anomalies plus test/good.
 
-Writes OUT/report.md, OUT/metrics.json, OUT/iou.png and OUT/gallery.html. Finished parts are cached
+Writes OUT/report.md, OUT/metrics.json, OUT/plot.png and OUT/gallery.html. Finished parts are cached
 under OUT/work/, so a rerun only redoes what changed. IS and IC-LPIPS need the pretrained Inception,
-AlexNet and VGG16 weights in the torch hub cache; nothing is downloaded.
+AlexNet and VGG16 weights, defect-type accuracy the ResNet-34 weights, in the torch hub cache;
+nothing is downloaded.
 """
 
 import argparse

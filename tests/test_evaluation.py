@@ -128,7 +128,7 @@ def _abs_distances(xs, ys):
 def test_ic_lpips_arithmetic():
     real = _const_images([0, 10])
     gen = _const_images([1, 2, 4, 9])  # 1, 2, 4 join real 0; 9 joins real 10
-    score_a, values_a, sizes_a = Q.ic_lpips_anomalydiffusion(_abs_distances, gen, real, np.random.default_rng(0))
+    score_a, values_a, sizes_a = Q.ic_lpips_ojha(_abs_distances, gen, real, np.random.default_rng(0))
     assert sizes_a == [3, 1]
     assert values_a[0] == pytest.approx((1 + 3 + 2) / 3) and math.isnan(values_a[1])
     assert score_a == pytest.approx(2.0)  # NaN-mean over clusters
@@ -136,7 +136,7 @@ def test_ic_lpips_arithmetic():
     assert values_b == pytest.approx([2.0, 0.0]) and score_b == pytest.approx(1.0)  # lone member counts 0
     capped, _, _ = Q.ic_lpips_dfmgan(_abs_distances, gen, real, cap=2)
     assert capped == pytest.approx((1 + 0) / 2)  # first two members: 1 and 2
-    sampled, _, _ = Q.ic_lpips_anomalydiffusion(_abs_distances, gen, real, np.random.default_rng(0), cluster_size=1)
+    sampled, _, _ = Q.ic_lpips_ojha(_abs_distances, gen, real, np.random.default_rng(0), cluster_size=1)
     assert math.isnan(sampled)  # every cluster under two members
 
 
@@ -154,7 +154,7 @@ def test_lpips_matrix_equals_lpips_and_identical_images_score_zero(net):
 
     distances = Q.LpipsMatrix(model)
     gen = images[:1].expand(5, -1, -1, -1).contiguous()  # five identical generated images
-    assert Q.ic_lpips_anomalydiffusion(distances, gen, images[:2], rng)[0] == pytest.approx(0.0, abs=1e-5)
+    assert Q.ic_lpips_ojha(distances, gen, images[:2], rng)[0] == pytest.approx(0.0, abs=1e-5)
     assert Q.ic_lpips_dfmgan(distances, gen, images[:2])[0] == pytest.approx(0.0, abs=1e-5)
 
 
@@ -253,13 +253,14 @@ def test_model_selection_never_reads_the_test_set(demo_dataset_master, standin, 
             state["train_reads"] += 1
         return original_load(sample, size, use_box)
 
-    def train_model(good_set, anomaly_set, val_set, cfg, desc="train"):
+    def train_model(good_set, anomaly_set, val_set, cfg, desc="train", after_epoch=None):
+        assert after_epoch is None  # our protocol never scores the test set during training
         for dataset in (good_set, anomaly_set, val_set):
             leaked = [s.image for s, _ in dataset.items if s.image.resolve() in test_files]
             assert not leaked, f"test images handed to training/selection: {leaked}"
         state["training"] = True
         try:
-            model, selection = original_train(good_set, anomaly_set, val_set, cfg, desc)
+            model, selection = original_train(good_set, anomaly_set, val_set, cfg, desc, after_epoch)
         finally:
             state["training"] = False
         state["trained"] += 1

@@ -140,7 +140,7 @@ def quality_row(cfg, defect, files, real_train, real_all, lpips_cache):
         gen = Q.load_images(files, cfg.lpips_size, desc=f"{defect}: generated")
         real = Q.load_images(real_all, cfg.lpips_size)
         rng = np.random.default_rng([cfg.seed, zlib.crc32(defect.encode())])
-        row["ic_lpips_ojha"], _, row["clusters_ojha"] = Q.ic_lpips_anomalydiffusion(
+        row["ic_lpips_ojha"], _, row["clusters_ojha"] = Q.ic_lpips_ojha(
             lpips_cache.distance(nets["ojha"]), gen, Q.load_images(real_train, cfg.lpips_size), rng, cfg.ic_cluster_size
         )
         row["ic_lpips_dfmgan"], _, row["clusters_dfmgan"] = Q.ic_lpips_dfmgan(lpips_cache.distance(nets["dfmgan"]), gen, real, cfg.ic_cluster_cap)
@@ -468,6 +468,7 @@ def evaluate(cfg: EvalConfig):
         "ic_cluster_size": cfg.ic_cluster_size,
         "ic_cluster_cap": cfg.ic_cluster_cap,
         "classify_epochs": cfg.classify_epochs,
+        "anomaly_source_path": cfg.anomaly_source_path,
         "random_weights_for_testing": cfg.testing,
     }
     return EvaluationResult(protocol=described, versions=versions(), classes=classes, mean=class_means(classes))

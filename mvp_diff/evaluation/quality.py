@@ -297,8 +297,8 @@ def _cluster_values(distances, generated, real, choose, lonely, desc):
     return values, sizes
 
 
-def ic_lpips_anomalydiffusion(distances, generated, real_train, rng, cluster_size=50):
-    """Variant (a). `distances(xs, ys)` -> matrix. Returns (score, per-cluster values, cluster sizes)."""
+def ic_lpips_ojha(distances, generated, real_train, rng, cluster_size=50):
+    """Ojha et al. (feat_cluster.py). `distances(xs, ys)` -> matrix. Returns (score, per-cluster values, cluster sizes)."""
     if len(real_train) == 0 or len(generated) == 0:
         return math.nan, [], []
     values, sizes = _cluster_values(distances, generated, real_train, lambda m: rng.permutation(m)[:cluster_size].tolist(), math.nan, "IC-LPIPS (a)")
@@ -306,7 +306,7 @@ def ic_lpips_anomalydiffusion(distances, generated, real_train, rng, cluster_siz
 
 
 def ic_lpips_dfmgan(distances, generated, real_all, cap=200):
-    """Variant (b). Returns (score, per-cluster values, cluster sizes before the cap)."""
+    """DFMGAN (metrics/lpips.py); SeaS with VGG, cap 140, first 1000 images. Returns (score, per-cluster values, cluster sizes before the cap)."""
     if len(real_all) == 0 or len(generated) == 0:
         return math.nan, [], []
     values, sizes = _cluster_values(distances, generated, real_all, lambda m: m[:cap].tolist(), 0.0, "IC-LPIPS (b)")

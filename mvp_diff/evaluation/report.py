@@ -181,6 +181,9 @@ def protocol_lines(protocol):
         f"- Image score: max of the map{f' after a {pool}x{pool} average pool' if pool > 1 else ''}; pixel metrics pool all test pixels; "
         "AUPRO up to FPR 0.3; IoU per image = best over thresholds per anomalous image, averaged.",
     ]
+    if "d" in protocol["settings"]:
+        source = protocol["anomaly_source_path"] or "the class's other train/good images (DRAEM used DTD: pass --anomaly_source_path)"
+        lines.append(f"- (d): DRAEM's Perlin masks (rotated +-90) and three of its ten texture augmentations; textures from {source}.")
     lines += [f"- {n}" for n in d["notes"]]
     if protocol["overrides"]:
         lines.append("- **Budget overridden (smoke run, not the protocol's numbers):** "
