@@ -63,8 +63,9 @@ def perlin_mask(shape, rng, min_scale=0, max_scale=6, threshold=0.5):
 
 
 def _augment(texture, rng, n=3):
-    """Three of DRAEM's source augmentations (gamma, brightness, hue, solarize, posterize, invert,
-    autocontrast, equalize, rotate), reimplemented with numpy/OpenCV."""
+    """Three of DRAEM's ten source augmentations (VitjanZ/DRAEM data_loader.py: gamma, brightness,
+    sharpness, hue, solarize with p 0.5, posterize, invert, autocontrast, equalize, rotate +-45),
+    reimplemented with numpy/OpenCV/PIL."""
 
     def gamma(x):
         return 255.0 * (np.clip(x, 0, 255) / 255.0) ** rng.uniform(0.5, 2.0)
@@ -78,7 +79,15 @@ def _augment(texture, rng, n=3):
         hsv[..., 1] = np.clip(hsv[..., 1] + int(rng.integers(-50, 50)), 0, 255)
         return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
 
-    def solarize(x):
+    def sharpness(x):  # imgaug's pillike.EnhanceSharpness: PIL's enhancer, factor in (0, 2)
+        from PIL import Image, ImageEnhance
+
+        image = Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
+        return np.asarray(ImageEnhance.Sharpness(image).enhance(rng.uniform(0.0, 2.0))).astype(np.float32)
+
+    def solarize(x):  # imgaug's Solarize(0.5, threshold=(32, 128)): applied to half of the images
+        if rng.random() < 0.5:
+            return x
         t = rng.uniform(32, 128)
         return np.where(x >= t, 255.0 - x, x)
 
@@ -99,10 +108,10 @@ def _augment(texture, rng, n=3):
 
     def rotate(x):
         h, w = x.shape[:2]
-        matrix = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-90, 90), 1.0)
+        matrix = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-45, 45), 1.0)
         return cv2.warpAffine(x, matrix, (w, h), borderMode=cv2.BORDER_REFLECT)
 
-    ops = [gamma, brightness, hue, solarize, posterize, invert, autocontrast, equalize, rotate]
+    ops = [gamma, brightness, sharpness, hue, solarize, posterize, invert, autocontrast, equalize, rotate]
     out = texture.astype(np.float32)
     for i in rng.choice(len(ops), size=n, replace=False):
         out = ops[i](out)

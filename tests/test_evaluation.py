@@ -19,6 +19,7 @@ from mvp_diff.dataset import split_anomalies
 from mvp_diff.draem import draem_anomaly, perlin_mask, synthesize
 from mvp_diff.errors import UserError
 from mvp_diff.evaluation import metrics as M
+from mvp_diff.evaluation.classification import classification_accuracy
 from mvp_diff.evaluation import pipeline as P
 from mvp_diff.evaluation import quality as Q
 from mvp_diff.evaluation import segmentation as S
@@ -27,7 +28,7 @@ from mvp_diff.evaluation.standin import build_standin
 from mvp_diff.files import read_mask, read_rgb
 from mvp_diff.records import BoxParams, build_records, compute_boxes
 
-TINY = ["--image_size", "64", "--base_channels", "8", "--lpips_size", "64", "--gallery_n", "4"]
+TINY = ["--image_size", "64", "--base_channels", "8", "--lpips_size", "64", "--gallery_n", "4", "--classify_epochs", "2"]
 
 @pytest.fixture(scope="module")
 def standin(demo_dataset_master, tmp_path_factory):
@@ -127,7 +128,7 @@ def _abs_distances(xs, ys):
 def test_ic_lpips_arithmetic():
     real = _const_images([0, 10])
     gen = _const_images([1, 2, 4, 9])  # 1, 2, 4 join real 0; 9 joins real 10
-    score_a, values_a, sizes_a = Q.ic_lpips_anomalydiffusion(_abs_distances, gen, real, np.random.default_rng(0))
+    score_a, values_a, sizes_a = Q.ic_lpips_ojha(_abs_distances, gen, real, np.random.default_rng(0))
     assert sizes_a == [3, 1]
     assert values_a[0] == pytest.approx((1 + 3 + 2) / 3) and math.isnan(values_a[1])
     assert score_a == pytest.approx(2.0)  # NaN-mean over clusters
@@ -135,7 +136,7 @@ def test_ic_lpips_arithmetic():
     assert values_b == pytest.approx([2.0, 0.0]) and score_b == pytest.approx(1.0)  # lone member counts 0
     capped, _, _ = Q.ic_lpips_dfmgan(_abs_distances, gen, real, cap=2)
     assert capped == pytest.approx((1 + 0) / 2)  # first two members: 1 and 2
-    sampled, _, _ = Q.ic_lpips_anomalydiffusion(_abs_distances, gen, real, np.random.default_rng(0), cluster_size=1)
+    sampled, _, _ = Q.ic_lpips_ojha(_abs_distances, gen, real, np.random.default_rng(0), cluster_size=1)
     assert math.isnan(sampled)  # every cluster under two members
 
 
@@ -153,7 +154,7 @@ def test_lpips_matrix_equals_lpips_and_identical_images_score_zero(net):
 
     distances = Q.LpipsMatrix(model)
     gen = images[:1].expand(5, -1, -1, -1).contiguous()  # five identical generated images
-    assert Q.ic_lpips_anomalydiffusion(distances, gen, images[:2], rng)[0] == pytest.approx(0.0, abs=1e-5)
+    assert Q.ic_lpips_ojha(distances, gen, images[:2], rng)[0] == pytest.approx(0.0, abs=1e-5)
     assert Q.ic_lpips_dfmgan(distances, gen, images[:2])[0] == pytest.approx(0.0, abs=1e-5)
 
 
@@ -191,7 +192,7 @@ def test_weights_missing_offline_is_one_line_error(demo_dataset_master, standin,
         env={"TORCH_HOME": str(tmp_path / "torch")},
     )  # fmt: skip
     hub = tmp_path / "torch" / "hub" / "checkpoints"
-    assert_user_error(proc, 1, str(hub / "weights-inception-2015-12-05-6726825d.pth"), "alexnet-owt-7be5be79.pth", "vgg16-397923af.pth")
+    assert_user_error(proc, 1, str(hub / "weights-inception-2015-12-05-6726825d.pth"), "alexnet-owt-7be5be79.pth", "vgg16-397923af.pth", "resnet34-b627a593.pth")
     assert not (tmp_path / "out").exists()  # failed before any work
 
 
@@ -271,13 +272,14 @@ def test_model_selection_never_reads_the_test_set(demo_dataset_master, standin, 
             state["train_reads"] += 1
         return original_load(sample, size, use_box)
 
-    def train_model(good_set, anomaly_set, val_set, cfg, desc="train"):
+    def train_model(good_set, anomaly_set, val_set, cfg, desc="train", after_epoch=None):
+        assert after_epoch is None  # our protocol never scores the test set during training
         for dataset in (good_set, anomaly_set, val_set):
             leaked = [s.image for s, _ in dataset.items if s.image.resolve() in test_files]
             assert not leaked, f"test images handed to training/selection: {leaked}"
         state["training"] = True
         try:
-            model, selection = original_train(good_set, anomaly_set, val_set, cfg, desc)
+            model, selection = original_train(good_set, anomaly_set, val_set, cfg, desc, after_epoch)
         finally:
             state["training"] = False
         state["trained"] += 1
@@ -299,11 +301,11 @@ def test_model_selection_never_reads_the_test_set(demo_dataset_master, standin, 
         parts=("segmentation",), train=S.TrainConfig(image_size=64, epochs=3, base_channels=8), testing=True,
     )  # fmt: skip
     results = P.evaluate(cfg)
-    settings = results["classes"]["grid"]["segmentation"]["settings"]
-    assert list(settings) == ["a", "b", "c", "d"]
+    settings = results.classes["grid"].segmentation.settings
+    assert list(settings) == ["a", "b:ours", "c:ours", "d"]
     assert state["test_reads_in_training"] == [] and state["train_reads"] > 0
     assert state["test_predictions"] == [1, 2, 3, 4]  # once per setting, each after its training
-    steps = {r["selection"]["steps"] for r in settings.values()}
+    steps = {r.selection["steps"] for r in settings.values()}
     assert steps == {3 * 2}  # same budget: ceil(7 train/good / 4) steps x 3 epochs in every setting
 
 
@@ -430,18 +432,25 @@ def test_evaluate_end_to_end(demo_dataset_master, standin, tmp_path):
     assert metrics["protocol"]["random_weights_for_testing"] is True
     for classname in ("bottle", "grid"):
         c = metrics["classes"][classname]
-        assert list(c["segmentation"]["settings"]) == ["a", "b", "c", "d"]
+        assert list(c["segmentation"]["settings"]) == ["a", "b:ours", "c:ours", "d"]
         for r in c["segmentation"]["settings"].values():
-            assert 0 <= r["metrics"]["pixel_auroc"] <= 1 and 0 <= r["metrics"]["iou"] <= 1
-            assert set(r["per_defect"]) == set(c["generated_counts"])
-        assert c["quality"]["mean"]["is"] >= 1 and c["quality"]["mean"]["ic_lpips_b"] >= 0
+            assert 0 <= r["metrics"]["pixel_auroc"] <= 1 and 0 <= r["metrics"]["aupro"] <= 1 and 0 <= r["metrics"]["iou_per_image"] <= 1
+            assert set(r["per_defect"]) == set(c["generated_counts"]["ours"])
+            assert "aupro" in next(iter(r["per_defect"].values()))  # every metric per defect type too
+        assert c["quality"]["ours"]["mean"]["is"] >= 1 and c["quality"]["ours"]["mean"]["ic_lpips_dfmgan"] >= 0
         assert c["counts"]["good"]["test"] == 4
     assert any("box mask(s) drawn from the boxes in manifest.jsonl" in n for n in metrics["classes"]["grid"]["notes"])
 
     report = (out / "report.md").read_text()
-    assert "Random weights (test mode)" in report and "(c) (a) + generated, box masks" in report
-    assert "we do not" in report and "IC-LPIPS (a) AnomalyDiffusion" in report and "IC-LPIPS (b) DFMGAN" in report
-    assert (out / "iou.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Random weights (test mode)" in report and "| metric | (a) real train-split anomalies only, validation pixel AP | (b) ours" in report
+    assert "## Mean over 2 classes [mvpdiff]" in report and "protocol mvpdiff" in report and "first ceil(n x 0.333)" in report
+    for variant in ("Ojha et al.", "DFMGAN", "SeaS"):
+        assert f"IC-LPIPS ({variant})" in report
+    assert "--epochs 2 (protocol: 100)" in report  # budget flags are named as overrides
+    assert metrics["mean"]["segmentation"]["a"]["pixel_auroc"] == pytest.approx(
+        np.mean([metrics["classes"][c]["segmentation"]["settings"]["a"]["metrics"]["pixel_auroc"] for c in ("bottle", "grid")])
+    )
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     parser = _Images()
     parser.feed((out / "gallery.html").read_text())
@@ -452,3 +461,136 @@ def test_evaluate_end_to_end(demo_dataset_master, standin, tmp_path):
     first = (out / "metrics.json").read_text()
     proc = run_script("evaluate.py", *args, check=True)  # rerun: everything from the cache
     assert "bottle (a)" not in proc.stderr and (out / "metrics.json").read_text() == first
+
+
+# --- protocols -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def seven_per_type(demo_dataset_master, tmp_path_factory):
+    """The demo grid class with 7 anomalies per defect type, so floor(7/3) = 2 and ceil(7/3) = 3 differ."""
+    root = tmp_path_factory.mktemp("seven") / "dataset"
+    shutil.copytree(demo_dataset_master / "grid", root / "grid")
+    for defect in ("broken", "thread"):
+        assert len(list((root / "grid" / "test" / defect).glob("*.png"))) == 6
+        shutil.copy(root / "grid" / "test" / defect / "005.png", root / "grid" / "test" / defect / "006.png")
+        shutil.copy(root / "grid" / "ground_truth" / defect / "005_mask.png", root / "grid" / "ground_truth" / defect / "006_mask.png")
+    return root
+
+
+def test_split_rounding_per_protocol(seven_per_type):
+    names = [f"{i:03d}.png" for i in range(7)]
+    for rounding, n_first in (("ceil", 3), ("floor", 2)):
+        split = real_split(seven_per_type, "grid", rounding=rounding)
+        for defect in ("broken", "thread"):
+            assert [s.image.name for s in split.generator_train[defect]] == names[:n_first]  # sorted by file name
+            assert [s.image.name for s in split.test_anomalies[defect]] == names[n_first:]
+    assert P.PROTOCOLS["mvpdiff"].split_rounding == "ceil"
+    assert P.PROTOCOLS["anomalydiffusion"].split_rounding == P.PROTOCOLS["seas"].split_rounding == "floor"
+
+
+def test_draem_unet_and_init_match_the_reference():
+    assert sum(p.numel() for p in S.DiscriminativeUNet(3, 2, 64, "draem").parameters()) == 28_372_418  # DRAEM's 28.4 M
+    assert sum(p.numel() for p in S.DiscriminativeUNet(3, 2, 64, "wide").parameters()) == 36_892_034
+    net = S.DiscriminativeUNet(3, 2, 16, "draem")
+    assert net(torch.rand(1, 3, 64, 64)).shape == (1, 2, 64, 64)
+    net.apply(S.draem_init)
+    conv = torch.cat([m.weight.flatten() for m in net.modules() if isinstance(m, torch.nn.Conv2d)])
+    assert abs(conv.mean().item()) < 1e-3 and conv.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_image_score_pooling_matches_a_direct_average():
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 32, 32)).astype(np.float32)
+    maps[1, 5, 7] = 50.0  # one hot pixel: the raw max sees it, a 21x21 mean dilutes it
+    padded = np.pad(maps, ((0, 0), (10, 10), (10, 10)))
+    direct = [max(padded[i, y : y + 21, x : x + 21].sum() / 441 for y in range(32) for x in range(32)) for i in range(3)]
+    assert S.image_scores(maps, 21) == pytest.approx(direct, rel=1e-5)
+    assert S.image_scores(maps, 1) == pytest.approx(maps.reshape(3, -1).max(1))
+
+
+def test_budget_flags_are_overrides():
+    protocol, changed = P.PROTOCOLS["anomalydiffusion"].with_budget(epochs=2, image_size=256, base_channels=None)
+    assert changed == {"epochs": (200, 2)} and protocol.epochs == 2 and protocol.steps_per_epoch == 63
+
+
+def test_seas_protocol_floor_split_and_data_mix(seven_per_type, tmp_path):
+    gen = tmp_path / "gen"
+    build_standin(seven_per_type, "grid", gen, num=3)
+    out = tmp_path / "report"
+    run_script("evaluate.py", "--protocol", "seas", "--classname", "grid", "--dataset", seven_per_type, "--generated", gen,
+               "--out", out, "--epochs", "1", "--parts", "segmentation", *TINY, check=True)  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    c = metrics["classes"]["grid"]
+    assert {d: v["generator_train"] for d, v in c["counts"].items() if d != "good"} == {"broken": 2, "thread": 2}
+    assert {d: v["test"] for d, v in c["counts"].items() if d != "good"} == {"broken": 5, "thread": 5}
+    (key, r), = c["segmentation"]["settings"].items()
+    assert key == "s:ours" and r["train_counts"] == {"good": 10, "real": 4, "added": 6}  # all train/good: no validation carved
+    assert r["selection"]["selected_on"] == "last epoch" and 0 <= r["metrics"]["iou_per_image"] <= 1
+    assert any("2 test anomalies may have been seen" in n for n in c["notes"])
+    report = (out / "report.md").read_text()
+    assert "protocol `seas`" in report and "first floor(n x 0.333)" in report
+    published = report[report.index("### Published numbers under protocol `seas`"):]
+    assert "SeaS (its paper" in published and "57.7" in published and "AnomalyDiffusion (its paper" not in published
+
+
+def _anomalydiffusion_layout(standin_root, dest):
+    """Re-save stand-in samples in AnomalyDiffusion's released layout: CLASS/DEFECT/image/N.jpg and
+    CLASS/DEFECT/mask/N.jpg, JPEG masks."""
+    for class_dir in standin_root.iterdir():
+        for image in sorted(class_dir.glob("test/*/*.png")):
+            defect = image.parent.name
+            mask = class_dir / "ground_truth" / defect / f"{image.stem}_mask.png"
+            for kind, src, mode in (("image", image, "RGB"), ("mask", mask, "L")):
+                path = dest / class_dir.name / defect / kind / f"{int(image.stem)}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.open(src).convert(mode).save(path, quality=90)
+
+
+def test_anomalydiffusion_protocol_two_generators_all_classes(demo_dataset_master, standin, tmp_path):
+    released = tmp_path / "released"
+    _anomalydiffusion_layout(standin, released)
+    _, samples, _ = load_generated(released, "bottle")
+    jpeg_mask = samples["contamination"][0].mask
+    png_mask = read_mask(standin / "bottle" / "ground_truth" / "contamination" / "000_mask.png")
+    assert jpeg_mask.suffix == ".jpg" and (read_mask(jpeg_mask) != png_mask).mean() < 0.01  # JPEG noise cut at half
+
+    out = tmp_path / "report"
+    run_script("evaluate.py", "--protocol", "anomalydiffusion", "--classname", "all", "--dataset", demo_dataset_master,
+               "--generated", f"ours={standin}", "--generated", f"anomalydiffusion={released}", "--out", out,
+               "--epochs", "1", "--random_weights_for_testing", *TINY, check=True)  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["classes"]) == ["bottle", "grid"] and metrics["mean"]["classes"] == 2
+    for c in metrics["classes"].values():
+        assert list(c["segmentation"]["settings"]) == ["g:ours", "g:anomalydiffusion"] and set(c["quality"]) == {"ours", "anomalydiffusion"}
+        for r in c["segmentation"]["settings"].values():
+            assert r["train_counts"]["real"] == 0 and r["train_counts"]["added"] == sum(c["generated_counts"]["ours"].values())  # generated only
+            assert r["selection"]["steps"] == 63 and r["selection"]["peer_selected"]["epoch"] == 1
+    for c in metrics["classes"].values():
+        for r in c["classification"].values():
+            assert 0 <= r["accuracy"] <= 1 and r["n_test"] == sum(v["test"] for d, v in c["counts"].items() if d != "good")
+    report = (out / "report.md").read_text()
+    assert "defect-type accuracy (ResNet-34, AnomalyDiffusion)" in report
+    assert "## Mean over 2 classes [anomalydiffusion]" in report and "| metric | (g) ours | (g) anomalydiffusion |" in report
+    assert "epoch chosen on the TEST set" in report and "| metric | ours | anomalydiffusion |" in report
+    published = report[report.index("### Published numbers under protocol `anomalydiffusion`"):]
+    assert "99.1" in published and "SeaS (its paper" not in published
+
+
+def test_defect_type_classifier_learns_separable_types(tmp_path):
+    files = {}
+    for k, defect in enumerate(("red", "blue")):
+        files[defect] = []
+        for i in range(10):
+            path = tmp_path / defect / f"{i:03d}.png"
+            path.parent.mkdir(exist_ok=True)
+            colour = np.array(COLOURS[2 * k], np.uint8) + np.random.default_rng(i).integers(0, 5, 3, dtype=np.uint8)
+            Image.fromarray(np.full((32, 32, 3), colour, np.uint8)).save(path)
+            files[defect].append(path)
+    train = {d: v[:6] for d, v in files.items()}
+    test = {d: v[6:] for d, v in files.items()}
+    result = classification_accuracy(train, test, epochs=8, size=32, testing=True)
+    assert result["types"] == ["blue", "red"] and result["n_test"] == 8
+    assert result["accuracy"] >= 0.75  # chance: 0.5; the colours separate the types
+    assert result["accuracy"] == pytest.approx(np.mean(list(result["per_type"].values())))  # 4 test images per type
+    assert math.isnan(classification_accuracy({"red": train["red"]}, test, testing=True)["accuracy"])  # one type: nothing to tell apart

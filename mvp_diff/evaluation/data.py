@@ -7,6 +7,9 @@ Generated folder, per class (GENERATED/CLASS/ or the class folder itself):
     CLASS/manifest.jsonl                     per-sample fields        (optional: prompts, boxes, good_image)
     CLASS_boxes/DEFECT/NNN_mask.png          its box mask, beside CLASS/ (optional: setting (c) needs it
                                              or the manifest's boxes)
+or the layout AnomalyDiffusion released its generated data in (sjtuplayer/anomalydiffusion,
+unet_utils/data_loader.py reads it so): DEFECT/image/N.jpg with DEFECT/mask/N.jpg (JPEG masks, cut at
+half by read_mask).
 """
 
 import math
@@ -86,22 +89,32 @@ def _held_out(items, fraction, rng, keep=1):
     return [items[i] for i in kept], [items[i] for i in held]
 
 
-def real_split(dataset, classname, mask_suffix="_mask", train_fraction=1 / 3, val_fraction=0.25, seed=0) -> RealSplit:
-    """Generator-train third vs. test two thirds by `split_anomalies`; the validation set for model
-    selection is carved from the training side only (part of the generator-train anomalies and of
-    train/good), the same for every setting."""
+def first_share(anomalies, fraction=1 / 3, rounding="ceil"):
+    """(first, rest) of one defect type sorted by file name. "ceil" is Stage 1's rule (what trained
+    this project's generator, at least one); "floor" is AnomalyDiffusion's and SeaS's (floor(n/3))."""
+    if rounding == "ceil":
+        return split_anomalies(anomalies, fraction)
+    ordered = sorted(anomalies, key=lambda a: a.image.name)
+    n_first = math.floor(len(ordered) * fraction + 1e-9)
+    return ordered[:n_first], ordered[n_first:]
+
+
+def real_split(dataset, classname, mask_suffix="_mask", train_fraction=1 / 3, val_fraction=0.25, seed=0, rounding="ceil") -> RealSplit:
+    """Generator-train share vs. test rest by `first_share`; the validation set for model selection is
+    carved from the training side only (part of the generator-train anomalies and of train/good), the
+    same for every setting."""
     class_data = load_class(dataset, classname, mask_suffix)
     rng = np.random.default_rng([seed, 7])
     gen_train, train, val, test, notes = {}, {}, {}, {}, []
     for defect in class_data.defect_types:
-        first, rest = split_anomalies(class_data.anomalies[defect], train_fraction)
+        first, rest = first_share(class_data.anomalies[defect], train_fraction, rounding)
         first = [Sample(a.image, a.mask, defect) for a in first]
         gen_train[defect] = first
         train[defect], val[defect] = _held_out(first, val_fraction, rng)
         test[defect] = [Sample(a.image, a.mask, defect) for a in rest]
         if not rest:
             notes.append(f"{classname}/{defect}: no real anomalies left for the test split ({len(first)} in all); its test row is skipped")
-        if not val[defect]:
+        if not val[defect] and val_fraction > 0:
             notes.append(f"{classname}/{defect}: only {len(first)} generator-train anomaly; none held out for validation")
     for anomaly in class_data.empty_masks:
         notes.append(f"{anomaly.image}: empty mask; left out as Stage 1 does")
@@ -111,12 +124,23 @@ def real_split(dataset, classname, mask_suffix="_mask", train_fraction=1 / 3, va
     return RealSplit(class_data, gen_train, train, val, test, train_good, val_good, test_good, notes)
 
 
+def dataset_classes(dataset):
+    """Every class folder of a dataset (one with train/good/), sorted: what --classname all means."""
+    root = Path(dataset)
+    names = sorted(p.name for p in root.iterdir() if (p / "train" / GOOD).is_dir()) if root.is_dir() else []
+    if not names:
+        raise UserError(f"--dataset {root}: no class folders with train/{GOOD}/ (--classname all needs them)")
+    return names
+
+
 def generated_class_dir(generated, classname) -> Path:
     root = Path(generated)
     if not root.is_dir():
         raise UserError(f"--generated {root}: folder not found; pass Stage 3's --output folder (e.g. ./output/dataset/image)")
-    if (root / classname / "test").is_dir():
+    if (root / classname / "test").is_dir() or _anomalydiffusion_defects(root / classname):
         return root / classname
+    if _anomalydiffusion_defects(root) and root.name == classname:  # that layout's class folder itself
+        return root
     if (root / "test").is_dir():  # the class folder itself: its manifest must not name another class
         manifest = root / MANIFEST
         named = {r.get("class") for r in read_jsonl(manifest)} - {None} if manifest.is_file() else set()
@@ -126,7 +150,8 @@ def generated_class_dir(generated, classname) -> Path:
         return root
     raise UserError(
         f"--generated {root}: no {classname}/test/ folder; expected Stage 3's layout "
-        f"{root}/{classname}/test/DEFECT/NNN.png with {root}/{classname}/ground_truth/DEFECT/NNN_mask.png"
+        f"{root}/{classname}/test/DEFECT/NNN.png with {root}/{classname}/ground_truth/DEFECT/NNN_mask.png, "
+        f"or AnomalyDiffusion's {root}/{classname}/DEFECT/image/N.jpg with {root}/{classname}/DEFECT/mask/N.jpg"
     )
 
 
@@ -151,12 +176,32 @@ def _resolve(folder, value):
     return path if path.is_absolute() else folder / path
 
 
+def _anomalydiffusion_defects(folder: Path):
+    """DEFECT folders of AnomalyDiffusion's layout (DEFECT/image/ beside DEFECT/mask/), or []."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if (p / "image").is_dir() and (p / "mask").is_dir())
+
+
+def _load_anomalydiffusion(folder: Path):
+    samples = {}
+    for ddir in _anomalydiffusion_defects(folder):
+        images = image_files(ddir / "image")
+        if not images:
+            raise UserError(f"{ddir / 'image'}: no generated images in this defect-type folder; generate some or remove it")
+        pairs = pair_masks(images, ddir / "mask", mask_suffix="")  # same file name as the image
+        samples[ddir.name] = [Sample(im, mask, ddir.name) for im, mask in pairs.items()]
+    return folder, samples, [f"{folder}: AnomalyDiffusion layout (DEFECT/image, DEFECT/mask), which has no box masks"]
+
+
 def load_generated(generated, classname, mask_suffix="_mask"):
     """{defect: [Sample]} of a generated folder, and notes. Pairing and sizes are checked up front."""
     folder = generated_class_dir(generated, classname)
     if (folder / BBOX_DIR).is_dir():
         raise UserError(f"{folder / BBOX_DIR}: box masks in the earlier layout (MVTec readers take them for samples); "
                         f"rerun the command that made them (inpainting.py, python -m mvp_diff.draem) to move them to {generated_boxes_dir(folder)}/, or move the folder there")
+    if not (folder / "test").is_dir():
+        return _load_anomalydiffusion(folder)
     manifest = _manifest_index(folder)
     test_dir, gt_dir = folder / "test", folder / "ground_truth"
     defect_dirs = sorted(p for p in test_dir.iterdir() if p.is_dir() and p.name != GOOD)
@@ -169,7 +214,7 @@ def load_generated(generated, classname, mask_suffix="_mask"):
         if not images:
             raise UserError(f"{ddir}: no generated images in this defect-type folder; generate some or remove it")
         pairs = pair_masks(images, gt_dir / ddir.name, mask_suffix)
-        boxes = masks_by_stem(generated_boxes_dir(folder) / ddir.name, mask_suffix, strict=False)
+        boxes = box_mask_files(folder, ddir.name, mask_suffix)
         found = []
         for im, mask in pairs.items():
             box = boxes.get(im.stem)
@@ -195,6 +240,12 @@ def load_generated(generated, classname, mask_suffix="_mask"):
     if n_box_from_manifest:
         notes.append(f"{folder}: {n_box_from_manifest} box mask(s) drawn from the boxes in {MANIFEST} (no {generated_boxes_dir(folder).name}/DEFECT/*{mask_suffix}.png files)")
     return folder, samples, notes
+
+
+def box_mask_files(folder: Path, defect: str, mask_suffix="_mask"):
+    """{image stem: box mask file} of one generated defect type (the one place that knows where
+    box masks live)."""
+    return masks_by_stem(generated_boxes_dir(folder) / defect, mask_suffix, strict=False)
 
 
 def read_box_mask(sample: Sample):

@@ -1,8 +1,9 @@
-"""One evaluation run: for each class, generation quality, the four downstream settings and the
-gallery images; then the report. Finished parts are cached under OUT/work/ with a fingerprint of
-their inputs, so a rerun (or a run killed half way) only redoes what changed."""
+"""One evaluation run under one protocol (protocols.py): for each class and each generator,
+generation quality, the protocol's downstream settings and the gallery images; then the report.
+Finished parts are cached under OUT/work/PROTOCOL/ with a fingerprint of their inputs, so a rerun (or
+a run killed half way) only redoes what changed."""
 
-import hashlib
+import functools
 import json
 import math
 import platform
@@ -18,34 +19,43 @@ from .. import __version__
 from ..checkpoint import is_offline
 from ..draem import synthesize
 from ..errors import UserError
-from ..files import atomic_write_json, read_mask, read_rgb, save_image
+from ..files import read_mask, read_rgb, save_image
 from . import quality as Q
-from .data import Sample, check_no_leak, has_box, load_generated, read_box_mask, real_split
-from .segmentation import PairDataset, TrainConfig, evaluate_model, train_model
+from .cache import reuse_or_compute
+from .classification import RESNET34, classification_accuracy
+from .data import Sample, check_no_leak, first_share, has_box, load_generated, read_box_mask, real_split
+from .protocols import PROTOCOLS, Protocol
+from .results import ClassResult, EvaluationResult, QualityResult, SegmentationResult, SettingResult
+from .segmentation import PairDataset, TrainConfig, all_metrics, evaluate_model, predict, train_model
 
 SETTINGS = {
     "a": "real train-split anomalies only",
     "b": "(a) + generated, precise masks",
     "c": "(a) + generated, box masks",
     "d": "(a) + DRAEM-style synthetic",
+    "g": "generated only (at most 500 per defect type)",
+    "s": "generated + the real generator-train anomalies",
 }
-PARTS = ("quality", "segmentation", "gallery")
+PER_GENERATOR = ("b", "c", "g", "s")  # one model per generator
+PARTS = ("quality", "classification", "segmentation", "gallery")
 
 
 @dataclass
 class EvalConfig:
     classnames: list
     dataset: str
-    generated: str = None
+    generated: dict = None  # name -> folder, in report order
     out: str = "./output/evaluation"
     mask_suffix: str = "_mask"
     parts: tuple = PARTS
-    settings: tuple = tuple(SETTINGS)
+    protocol: Protocol = PROTOCOLS["mvpdiff"]
+    overrides: dict = field(default_factory=dict)  # budget flags that differ from the protocol: {flag: (protocol, used)}
+    settings: tuple = None  # default: the protocol's
     seed: int = 0
     device: str = "cpu"
     train_fraction: float = 1 / 3
     val_fraction: float = 0.25
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = None  # default: the protocol's budget
     draem_num: int = None  # default: as many as usable generated pairs, else 200
     anomaly_source_path: str = None
     isc_splits: int = 10
@@ -55,49 +65,42 @@ class EvalConfig:
     ic_cluster_size: int = 50
     ic_cluster_cap: int = 200
     quality_batch_size: int = 32
+    classify_epochs: int = 30  # AnomalyDiffusion's train-classification.py
     gallery_n: int = 12
     testing: bool = False  # random weights: for the test suite only
     local_files_only: bool = False  # never fetch pretrained weights (as HF_HUB_OFFLINE=1)
     command: str = ""
 
+    def __post_init__(self):
+        if isinstance(self.generated, (str, Path)):
+            self.generated = {"ours": str(self.generated)}
+        self.generated = dict(self.generated or {})
+        self.settings = tuple(self.settings or self.protocol.settings)
+        if self.train is None:
+            self.train = train_config(self.protocol, device=self.device, seed=self.seed)
+
+
+def train_config(protocol: Protocol, **kwargs):
+    """The downstream training budget a protocol defines (kwargs: device, seed, workers, ...)."""
+    return TrainConfig(
+        image_size=protocol.image_size, epochs=protocol.epochs, base_channels=protocol.base_channels, decoder=protocol.decoder,
+        init=protocol.init, fixed_steps_per_epoch=protocol.steps_per_epoch, selection=protocol.selection,
+        image_score_pool=protocol.image_score_pool, **kwargs,
+    )  # fmt: skip
+
 
 def lpips_nets(cfg):
-    """(backbone of variant a, of variant b): each reference script's own unless --lpips_net forces one."""
+    """{IC-LPIPS variant: backbone}: each reference script's own unless --lpips_net forces one."""
     if cfg.lpips_net == "auto":
-        return Q.LPIPS_NET_A, Q.LPIPS_NET_B
-    return cfg.lpips_net, cfg.lpips_net
-
-
-def fingerprint(obj, files=()):
-    """sha1 of a JSON-able object plus (path, size, mtime) of files: what a cached result depends on."""
-    h = hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode())
-    for f in files:
-        st = Path(f).stat()
-        h.update(f"{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def cached(path: Path, key):
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None
-        if saved.get("fingerprint") == key:
-            return saved["result"]
-    return None
-
-
-def store(path: Path, key, result):
-    atomic_write_json(path, {"fingerprint": key, "result": result})
-    return result
+        return dict(Q.LPIPS_NETS)
+    return dict.fromkeys(Q.LPIPS_NETS, cfg.lpips_net)
 
 
 def versions():
+    from importlib.metadata import PackageNotFoundError, version
+
     import sklearn
     import torchvision
-
-    from importlib.metadata import PackageNotFoundError, version
 
     def installed(package):  # torch-fidelity and lpips are the optional `eval` extra
         try:
@@ -133,39 +136,53 @@ class _Lpips:
         return self.models[net]
 
 
+def quality_row(cfg, defect, files, real_train, real_all, lpips_cache):
+    """IS and the three IC-LPIPS variants of one defect type's generated images."""
+    nets = lpips_nets(cfg)
+    is_mean, is_std, splits = Q.inception_score(
+        files, cfg.device, cfg.quality_batch_size, cfg.isc_splits, cfg.inception_weights, cfg.testing, num_workers=cfg.train.num_workers
+    )
+    row = {"n": len(files), "is": is_mean, "is_std": is_std, "is_splits": splits} | dict.fromkeys(Q.IC_LPIPS_KEYS.values(), math.nan)
+    if real_all:
+        gen = Q.load_images(files, cfg.lpips_size, desc=f"{defect}: generated")
+        real = Q.load_images(real_all, cfg.lpips_size)
+        rng = np.random.default_rng([cfg.seed, zlib.crc32(defect.encode())])
+        row["ic_lpips_ojha"], _, row["clusters_ojha"] = Q.ic_lpips_ojha(
+            lpips_cache.distance(nets["ojha"]), gen, Q.load_images(real_train, cfg.lpips_size), rng, cfg.ic_cluster_size
+        )
+        row["ic_lpips_dfmgan"], _, row["clusters_dfmgan"] = Q.ic_lpips_dfmgan(lpips_cache.distance(nets["dfmgan"]), gen, real, cfg.ic_cluster_cap)
+        row["ic_lpips_seas"], _, row["clusters_seas"] = Q.ic_lpips_dfmgan(
+            lpips_cache.distance(nets["seas"]), gen[: Q.SEAS_IMAGES], real, Q.SEAS_CLUSTER_CAP
+        )
+    return row
+
+
 def quality_for_class(cfg, split, generated, work, lpips_cache, notes):
-    net_a, net_b = lpips_nets(cfg)
+    nets = lpips_nets(cfg)
     params = {k: getattr(cfg, k) for k in ("isc_splits", "lpips_size", "ic_cluster_size", "ic_cluster_cap", "seed", "testing", "inception_weights")}
     rows = {}
     for defect, samples in generated.items():
         real_train = [s.image for s in split.generator_train.get(defect, [])]
         real_all = [a.image for a in split.class_data.anomalies.get(defect, [])]
         files = [s.image for s in samples]
-        key = fingerprint({**params, "nets": [net_a, net_b], "defect": defect, "real_train": [str(p) for p in real_train]}, files + real_all)
-        path = work / "quality" / f"{defect}.json"
-        row = cached(path, key)
-        if row is None:
-            is_mean, is_std, splits = Q.inception_score(
-                files, cfg.device, cfg.quality_batch_size, cfg.isc_splits, cfg.inception_weights, cfg.testing, num_workers=cfg.train.num_workers
-            )
-            row = {"n": len(files), "is": is_mean, "is_std": is_std, "is_splits": splits, "ic_lpips_a": math.nan, "ic_lpips_b": math.nan}
-            if real_all:
-                gen = Q.load_images(files, cfg.lpips_size, desc=f"{defect}: generated")
-                rng = np.random.default_rng([cfg.seed, zlib.crc32(defect.encode())])
-                row["ic_lpips_a"], _, sizes_a = Q.ic_lpips_anomalydiffusion(
-                    lpips_cache.distance(net_a), gen, Q.load_images(real_train, cfg.lpips_size), rng, cfg.ic_cluster_size
-                )
-                row["ic_lpips_b"], _, sizes_b = Q.ic_lpips_dfmgan(
-                    lpips_cache.distance(net_b), gen, Q.load_images(real_all, cfg.lpips_size), cfg.ic_cluster_cap
-                )
-                row.update(clusters_a=sizes_a, clusters_b=sizes_b)
-            store(path, key, row)
+        inputs = {**params, "nets": nets, "defect": defect, "real_train": [str(p) for p in real_train], "is_size": Q.IS_SIZE}
+        compute = functools.partial(quality_row, cfg, defect, files, real_train, real_all, lpips_cache)
+        rows[defect] = reuse_or_compute(work / "quality" / f"{defect}.json", inputs, files + real_all, compute)
         if not real_all:
             notes.append(f"{split.class_data.name}/{defect}: no real anomalies of this type; IC-LPIPS skipped for it")
-        rows[defect] = row
-    mean = {k: Q.nanmean([r[k] for r in rows.values()]) for k in ("is", "ic_lpips_a", "ic_lpips_b")}
+    mean = {k: Q.nanmean([r[k] for r in rows.values()]) for k in ("is", *Q.IC_LPIPS_KEYS.values())}
     mean["n"] = sum(r["n"] for r in rows.values())
-    return {"per_defect": rows, "mean": mean, "lpips_net_a": net_a, "lpips_net_b": net_b}
+    return QualityResult(per_defect=rows, mean=mean, lpips_nets=nets)
+
+
+def classification_for_class(cfg, split, generated, path):
+    train = {d: [s.image for s in v] for d, v in generated.items()}
+    test = {d: [s.image for s in v] for d, v in split.test_anomalies.items()}
+    size = cfg.train.image_size
+    inputs = {"epochs": cfg.classify_epochs, "size": size, "seed": cfg.seed, "testing": cfg.testing, "test": {d: [str(p) for p in v] for d, v in test.items()}}
+    files = [f for v in train.values() for f in v]
+    compute = functools.partial(classification_accuracy, train, test, cfg.device, cfg.classify_epochs, size, seed=cfg.seed, testing=cfg.testing)
+    return reuse_or_compute(path, inputs, files, compute)
 
 
 # --- segmentation --------------------------------------------------------------------------------
@@ -176,7 +193,8 @@ def _items_key(items):
 
 
 def draem_samples(cfg, split, work, num):
-    """The DRAEM-style pool for setting (d): made on train-side good images only."""
+    """The DRAEM-style pool for setting (d): made on train-side good images only; textures from
+    --anomaly_source_path (DRAEM: DTD) or else the class's other train/good images."""
     sources = None
     if cfg.anomaly_source_path:
         from ..draem import source_images
@@ -185,9 +203,63 @@ def draem_samples(cfg, split, work, num):
     goods = [s.image for s in split.train_good]
     # A folder per (seed, good images, sources): a rerun with other inputs never reuses old samples.
     made_from = zlib.crc32(json.dumps([cfg.seed, [str(p) for p in goods], [str(p) for p in sources or []]]).encode())
-    class_dir = work / "draem" / f"{split.class_data.name}-{made_from:08x}"
+    class_dir = work.parent.parent / "draem" / f"{split.class_data.name}-{made_from:08x}"
     records = synthesize(goods, class_dir, num, cfg.seed, sources)
     return [Sample(class_dir / r["paths"]["image"], class_dir / r["paths"]["mask"], "draem") for r in records]
+
+
+def usable_pairs(name, gen_name, generated, cap, notes):
+    """Generated samples with a non-empty mask, at most `cap` per defect type (first by file name)."""
+    usable, n_empty = [], 0
+    for samples in generated.values():
+        kept = [s for s in samples if read_mask(s.mask).any()]
+        n_empty += len(samples) - len(kept)
+        usable += kept[:cap] if cap else kept
+    if n_empty:
+        notes.append(f"{name} ({gen_name}): {n_empty} generated sample(s) with an empty precise mask left out")
+    return usable
+
+
+def training_mixes(cfg, split, generated, work, notes):
+    """{setting key: [(sample, use box mask)]} of the protocol's settings; per-generator settings are
+    keyed SETTING:GENERATOR."""
+    name = split.class_data.name
+    real = [(s, False) for s in split.flat(split.train_anomalies)]
+    usable = {g: usable_pairs(name, g, samples, cfg.protocol.max_generated_per_type, notes) for g, samples in generated.items()}
+    mixes = {}
+    for key in cfg.settings:
+        if key == "a":
+            mixes["a"] = real
+        elif key == "d":
+            num = cfg.draem_num or max((len(u) for u in usable.values()), default=0) or 200
+            mixes["d"] = real + [(s, False) for s in draem_samples(cfg, split, work, num)]
+        elif not generated:
+            notes.append(f"{name}: setting ({key}) skipped: no generated pairs (pass --generated)")
+        for g, pairs in usable.items() if key in PER_GENERATOR else ():
+            if key == "c" and not all(has_box(s) for s in pairs):
+                notes.append(f"{name}: setting (c) skipped for {g}: {sum(not has_box(s) for s in pairs)} sample(s) have no box mask (CLASS_boxes/DEFECT/NNN_mask.png) and no boxes in manifest.jsonl")
+                continue
+            with_real = real if key in ("b", "c", "s") else []
+            mixes[f"{key}:{g}"] = with_real + [(s, key == "c") for s in pairs]
+    if not real and "a" in mixes:
+        notes.append(f"{name}: no real train-split anomalies to train on; setting (a) skipped")
+    return {k: v for k, v in mixes.items() if v}
+
+
+def peer_selection(test_set, tcfg):
+    """An after_epoch hook that scores the test set every epoch and keeps the epoch AnomalyDiffusion's
+    train-localization.py keeps (best image AUROC + pixel AUROC + pixel AP + AUPRO). Reported beside
+    the honest number, labelled as chosen on the test set; it never changes the model."""
+    best = {}
+
+    def after_epoch(model, epoch):
+        maps = predict(model, test_set(), tcfg, desc="test-selected")
+        m = all_metrics(maps, test_set().masks, test_set().labels, tcfg.image_score_pool)
+        total = sum(0.0 if math.isnan(m[k]) else m[k] for k in ("image_auroc", "pixel_auroc", "pixel_ap", "aupro"))
+        if not best or total > best["sum"]:
+            best.update(epoch=epoch, sum=total, metrics=m)
+
+    return after_epoch, best
 
 
 def segmentation_for_class(cfg, split, generated, work, notes):
@@ -196,67 +268,43 @@ def segmentation_for_class(cfg, split, generated, work, notes):
     if not split.flat(split.test_anomalies):
         notes.append(f"{name}: the real test split has no anomalies; downstream segmentation skipped")
         return None
-    real = [(s, False) for s in split.flat(split.train_anomalies)]
-    usable, n_empty = [], 0
-    for samples in (generated or {}).values():
-        for s in samples:
-            if read_mask(s.mask).any():
-                usable.append(s)
-            else:
-                n_empty += 1
-    if n_empty:
-        notes.append(f"{name}: {n_empty} generated sample(s) with an empty precise mask left out of (b) and (c)")
-    pools = {"a": real}
-    if "b" in cfg.settings:
-        if usable:
-            pools["b"] = real + [(s, False) for s in usable]
-        else:
-            notes.append(f"{name}: setting (b) skipped: no generated pairs (pass --generated)")
-    if "c" in cfg.settings:
-        boxed = [s for s in usable if has_box(s)]
-        if usable and len(boxed) == len(usable):
-            pools["c"] = real + [(s, True) for s in boxed]
-        elif usable:
-            notes.append(f"{name}: setting (c) skipped: {len(usable) - len(boxed)} generated sample(s) have no box mask (CLASS_boxes/DEFECT/NNN_mask.png) and no boxes in manifest.jsonl")
-        else:
-            notes.append(f"{name}: setting (c) skipped: no generated pairs (pass --generated)")
-    if "d" in cfg.settings:
-        num = cfg.draem_num or len(usable) or 200
-        pools["d"] = real + [(s, False) for s in draem_samples(cfg, split, work, num)]
-    if not real:
-        notes.append(f"{name}: no real train-split anomalies to train on; setting (a) skipped")
-    pools = {k: v for k, v in pools.items() if k in cfg.settings and v}
-
+    mixes = training_mixes(cfg, split, generated, work, notes)
+    n_real = len(split.flat(split.train_anomalies))
     base = {k: v for k, v in asdict(tcfg).items() if k not in ("device", "num_workers")}
     split_key = {"good": [str(s.image) for s in split.train_good], "val": _items_key([(s, False) for s in split.val_set()]),
-                 "test": _items_key([(s, False) for s in split.test_set()])}  # fmt: skip
-    todo = {}
+                 "test": _items_key([(s, False) for s in split.test_set()]), "peer": cfg.protocol.peer_selection}  # fmt: skip
+
+    @functools.cache
+    def good_and_val():  # loaded only when a setting is not cached
+        return (PairDataset(split.train_good, tcfg.image_size, tcfg.num_workers, desc=f"{name}: train/good"),
+                PairDataset(split.val_set(), tcfg.image_size, tcfg.num_workers, desc=f"{name}: validation"))  # fmt: skip
+
+    @functools.cache
+    def test_set():  # read only after the first model is final (or by a peer's test-set selection)
+        return PairDataset(split.test_set(), tcfg.image_size, tcfg.num_workers, desc=f"{name}: test")
+
+    def run_setting(key, items):
+        good_set, val_set = good_and_val()
+        anomaly_set = PairDataset(items, tcfg.image_size, tcfg.num_workers, desc=f"{name} ({key}): anomalies")
+        hook, peer = peer_selection(test_set, tcfg) if cfg.protocol.peer_selection else (None, None)
+        model, selection = train_model(good_set, anomaly_set, val_set, tcfg, desc=f"{name} ({key})", after_epoch=hook)
+        if peer:
+            selection["peer_selected"] = {"rule": cfg.protocol.peer_selection, "epoch": peer["epoch"], "metrics": peer["metrics"]}
+        overall, per_defect = evaluate_model(model, test_set(), tcfg, selection["val_threshold"], desc=f"{name} ({key}): test")
+        real = n_real if key.split(":")[0] in ("a", "b", "c", "d", "s") else 0
+        counts = {"good": len(good_set), "real": real, "added": len(items) - real}
+        return SettingResult(metrics=overall, per_defect=per_defect, selection=selection, train_counts=counts)
+
     results = {}
-    for key, items in pools.items():
+    for key, items in mixes.items():
         files = [f for s, box in items for f in (s.image, s.mask, s.box_mask if box else None) if f is not None]
-        fp = fingerprint({"train": base, "split": split_key, "items": _items_key(items)}, files)
-        path = work / "segmentation" / f"{key}.json"
-        hit = cached(path, fp)
-        if hit is not None:
-            results[key] = hit
-        else:
-            todo[key] = (items, fp, path)
-    if todo:
-        good_set = PairDataset(split.train_good, tcfg.image_size, tcfg.num_workers, desc=f"{name}: train/good")
-        val_set = PairDataset(split.val_set(), tcfg.image_size, tcfg.num_workers, desc=f"{name}: validation")
-        test_set = None
-        for key, (items, fp, path) in todo.items():
-            anomaly_set = PairDataset(items, tcfg.image_size, tcfg.num_workers, desc=f"{name} ({key}): anomalies")
-            model, selection = train_model(good_set, anomaly_set, val_set, tcfg, desc=f"{name} ({key})")
-            if test_set is None:  # read only now, after the first model is final
-                test_set = PairDataset(split.test_set(), tcfg.image_size, tcfg.num_workers, desc=f"{name}: test")
-            overall, per_defect = evaluate_model(model, test_set, tcfg, selection["val_threshold"], desc=f"{name} ({key}): test")
-            counts = {"good": len(good_set), "real": len(real), "added": len(items) - len(real)}
-            results[key] = store(path, fp, {"metrics": overall, "per_defect": per_defect, "selection": selection, "train_counts": counts})
-    ordered = {k: results[k] for k in SETTINGS if k in results}
-    first = next(iter(ordered.values()), None)
-    steps = first["selection"]["steps"] if first else 0
-    return {"settings": ordered, "steps": steps, "steps_per_epoch": first["selection"]["steps_per_epoch"] if first else 0}
+        inputs = {"train": base, "split": split_key, "items": _items_key(items)}
+        path = work / "segmentation" / f"{key.replace(':', '-')}.json"
+        results[key] = reuse_or_compute(path, inputs, files, functools.partial(run_setting, key, items), SettingResult)
+    first = next(iter(results.values()), None)
+    return SegmentationResult(
+        settings=results, steps=first.selection["steps"] if first else 0, steps_per_epoch=first.selection["steps_per_epoch"] if first else 0
+    )
 
 
 # --- gallery -------------------------------------------------------------------------------------
@@ -313,58 +361,121 @@ def gallery_for_class(cfg, generated, out_dir):
 
 def check_weights(cfg):
     """Fail before any work when the quality part needs weights that are not there."""
-    if "quality" in cfg.parts and cfg.generated and not cfg.testing:
-        Q.require_weights(True, set(lpips_nets(cfg)), cfg.inception_weights, offline=is_offline(cfg.local_files_only))
+    if cfg.generated and not cfg.testing and {"quality", "classification"} & set(cfg.parts):
+        quality = "quality" in cfg.parts
+        Q.require_weights(quality, set(lpips_nets(cfg).values()) if quality else (), cfg.inception_weights,
+                          [RESNET34] if "classification" in cfg.parts else [], offline=is_offline(cfg.local_files_only))  # fmt: skip
+
+
+def load_generators(cfg, split, notes):
+    """{generator name: {defect: [Sample]}} and {generator name: its class folder}."""
+    name = split.class_data.name
+    generated, folders = {}, {}
+    for gen_name, path in cfg.generated.items():
+        if Path(path).resolve() == Path(cfg.dataset).resolve():
+            raise UserError(f"--generated {path} is the real dataset; pass the generated images' folder")
+        folder, samples, gen_notes = load_generated(path, name, cfg.mask_suffix)
+        check_no_leak(split, folder, samples)
+        notes += gen_notes
+        absent = [d for d in split.class_data.defect_types if d not in samples]
+        if absent:
+            notes.append(f"{name} ({gen_name}): no generated folder for real defect type(s) {', '.join(absent)} under {folder}")
+        no_good = sum(s.good_image is None for v in samples.values() for s in v)
+        if no_good and (folder / "test").is_dir():
+            notes.append(f"{name} ({gen_name}): {no_good} generated sample(s) without a defect-free image in manifest.jsonl (gallery shows none for them)")
+        generated[gen_name], folders[gen_name] = samples, str(folder)
+    return generated, folders
+
+
+def unpainted_validation(split, generated, notes):
+    """Validation good images no generator painted on: a generated sample made from a validation
+    image would tie selection to (b)/(c). The validation anomalies are the generator-train share
+    (the generator saw them all), a bias the report states; the test set carries none of it."""
+    painted = {s.good_image.resolve() for samples in generated.values() for v in samples.values() for s in v if s.good_image is not None}
+    kept = [s for s in split.val_good if s.image.resolve() not in painted]
+    if len(kept) < len(split.val_good):
+        notes.append(f"{split.class_data.name}: {len(split.val_good) - len(kept)} validation good image(s) left out of model selection: a generator painted on them")
+        split.val_good = kept
+
+
+def split_note(cfg, split):
+    """Under a floor(n/3) protocol, the test anomalies Stage 1's ceil(n/3) gave this project's generator."""
+    if cfg.protocol.split_rounding != "floor" or not cfg.generated:
+        return None
+    seen = sum(len(first_share(a, cfg.train_fraction, "ceil")[0]) - len(split.generator_train[d]) for d, a in split.class_data.anomalies.items())
+    if seen:
+        return (f"{split.class_data.name}: this protocol splits floor(n/3); Stage 1 trains this project's generator on ceil(n/3), "
+                f"so {seen} test anomal{'y' if seen == 1 else 'ies'} may have been seen by a generator trained with Stage 1's default")  # fmt: skip
+    return None
+
+
+def class_means(classes):
+    """Mean over classes of every metric, per setting and per generator's quality (the published
+    tables are class averages); a class without a value is left out of that mean."""
+    seg, quality = {}, {}
+    for c in classes.values():
+        for key, r in (c.segmentation.settings if c.segmentation else {}).items():
+            for metric, value in r.metrics.items():
+                seg.setdefault(key, {}).setdefault(metric, []).append(value)
+        for g, q in (c.quality or {}).items():
+            for metric, value in q.mean.items():
+                quality.setdefault(g, {}).setdefault(metric, []).append(value)
+        for g, r in (c.classification or {}).items():
+            quality.setdefault(g, {}).setdefault("classification_accuracy", []).append(r["accuracy"])
+    mean = lambda d: {k: {m: Q.nanmean(v) for m, v in rows.items()} for k, rows in d.items()}  # noqa: E731
+    return {"classes": len(classes), "segmentation": mean(seg), "quality": mean(quality)}
 
 
 def evaluate(cfg: EvalConfig):
     check_weights(cfg)
     out = Path(cfg.out)
-    if cfg.generated and Path(cfg.generated).resolve() == Path(cfg.dataset).resolve():
-        raise UserError(f"--generated {cfg.generated} is the real dataset; pass the generated images' folder")
+    protocol = cfg.protocol
     lpips_cache = _Lpips(cfg)
+    # A protocol that selects no epoch on validation trains on the whole train side.
+    val_fraction = cfg.val_fraction if protocol.selection == "validation" else 0.0
     classes = {}
     for name in cfg.classnames:
-        work = out / "work" / name
-        split = real_split(cfg.dataset, name, cfg.mask_suffix, cfg.train_fraction, cfg.val_fraction, cfg.seed)
+        work = out / "work" / protocol.name / name
+        split = real_split(cfg.dataset, name, cfg.mask_suffix, cfg.train_fraction, val_fraction, cfg.seed, protocol.split_rounding)
         notes = list(split.notes)
-        generated, gen_dir = None, None
-        if cfg.generated:
-            gen_dir, generated, gen_notes = load_generated(cfg.generated, name, cfg.mask_suffix)
-            check_no_leak(split, gen_dir, generated)
-            notes += gen_notes
-            absent = [d for d in split.class_data.defect_types if d not in generated]
-            if absent:
-                notes.append(f"{name}: no generated folder for real defect type(s) {', '.join(absent)} under {gen_dir / 'test'}")
-            no_good = sum(s.good_image is None for v in generated.values() for s in v)
-            if no_good:
-                notes.append(f"{name}: {no_good} generated sample(s) without a defect-free image in manifest.jsonl (gallery shows none for them)")
-        result = {"counts": split.counts(), "generated": str(gen_dir) if gen_dir else None,
-                  "generated_counts": {d: len(v) for d, v in (generated or {}).items()}}  # fmt: skip
+        generated, folders = load_generators(cfg, split, notes)
+        unpainted_validation(split, generated, notes)
+        if note := split_note(cfg, split):
+            notes.append(note)
+        result = ClassResult(counts=split.counts(), generated=folders,
+                             generated_counts={g: {d: len(v) for d, v in s.items()} for g, s in generated.items()}, notes=notes)  # fmt: skip
         if "quality" in cfg.parts:
             if generated:
-                result["quality"] = quality_for_class(cfg, split, generated, work, lpips_cache, notes)
+                result.quality = {g: quality_for_class(cfg, split, s, work / "quality" / g, lpips_cache, notes) for g, s in generated.items()}
             else:
                 notes.append(f"{name}: generation quality skipped: no --generated folder")
+        if "classification" in cfg.parts and generated:
+            result.classification = {g: classification_for_class(cfg, split, s, work / "classification" / f"{g}.json") for g, s in generated.items()}
         if "segmentation" in cfg.parts:
-            result["segmentation"] = segmentation_for_class(cfg, split, generated, work, notes)
+            result.segmentation = segmentation_for_class(cfg, split, generated, work, notes)
         if "gallery" in cfg.parts and generated:
-            result["gallery"] = gallery_for_class(cfg, generated, out)
-        result["notes"] = notes
+            result.gallery = gallery_for_class(cfg, next(iter(generated.values())), out)
         classes[name] = result
-    protocol = {
+    described = {
+        "name": protocol.name,
+        "definition": asdict(protocol),
+        "overrides": {k: {"protocol": a, "used": b} for k, (a, b) in cfg.overrides.items()},
         "command": cfg.command,
         "seed": cfg.seed,
         "device": cfg.device,
         "train_fraction": cfg.train_fraction,
-        "val_fraction": cfg.val_fraction,
+        "val_fraction": val_fraction,
         "train": {k: v for k, v in asdict(cfg.train).items() if k not in ("device",)},
         "settings": {k: SETTINGS[k] for k in cfg.settings},
+        "generators": list(cfg.generated),
         "isc_splits": cfg.isc_splits,
+        "is_size": Q.IS_SIZE,
         "lpips_size": cfg.lpips_size,
-        "lpips_nets": dict(zip(("a", "b"), lpips_nets(cfg))),
+        "lpips_nets": lpips_nets(cfg),
         "ic_cluster_size": cfg.ic_cluster_size,
         "ic_cluster_cap": cfg.ic_cluster_cap,
+        "classify_epochs": cfg.classify_epochs,
+        "anomaly_source_path": cfg.anomaly_source_path,
         "random_weights_for_testing": cfg.testing,
     }
-    return {"protocol": protocol, "versions": versions(), "classes": classes}
+    return EvaluationResult(protocol=described, versions=versions(), classes=classes, mean=class_means(classes))

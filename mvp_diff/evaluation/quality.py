@@ -1,12 +1,16 @@
 """Generation quality: Inception Score (torch-fidelity) and IC-LPIPS (lpips), per defect type.
 
-IC-LPIPS has two incompatible definitions in the field; both are computed and labelled:
-  (a) AnomalyDiffusion: clusters = the real anomalies that trained the generator (first third);
-      each generated image joins its nearest one by LPIPS; per cluster, up to 50 random members,
-      mean LPIPS over their pairs; clusters with fewer than two members are NaN; NaN-mean over
-      clusters. Their script uses the VGG backbone at 256x256.
-  (b) DFMGAN (and SeaS): clusters = all real anomalies of the type; a cluster keeps its first 200
-      members; clusters with fewer than two members count 0; plain mean. Their script uses AlexNet.
+IS: images resized to 256x256 first, as the peers do, then torch-fidelity (which resizes to 299).
+
+IC-LPIPS has incompatible definitions in the field; each is computed and named after its source:
+  Ojha et al. (WisconsinAIVision/few-shot-gan-adaptation, feat_cluster.py; the rule AnomalyDiffusion
+      cites): clusters = the real anomalies that trained the generator; each generated image joins
+      its nearest one by LPIPS; per cluster, up to 50 random members, mean LPIPS over their pairs;
+      clusters with fewer than two members are NaN; NaN-mean over clusters. VGG at 256x256.
+  DFMGAN (Ldhlwh/DFMGAN, metrics/lpips.py): clusters = all real anomalies of the type; a cluster
+      keeps its first 200 members; clusters with fewer than two members count 0; plain mean. AlexNet.
+  SeaS (Dan5N/SeaS, utils/metrics/metrics_lpips.py): DFMGAN's rule with VGG, a cap of 140 members
+      and the first 1000 generated images. The published 0.32 / 0.34 come from SeaS's table.
 
 Pretrained weights come from the torch hub cache (torch.hub.get_dir()/checkpoints/), fetched there on
 first use as torchvision and torch-fidelity do; offline, a missing file is an error that names it. `testing=True` builds the networks with
@@ -24,10 +28,14 @@ import torch.nn.functional as F
 from ..progress import progress_bar
 
 from ..errors import UserError
-from ..files import image_size, read_rgb
+from ..files import read_rgb
 
 TESTING_EXTRACTOR = "mvp-diff-random-testing"
-LPIPS_NET_A, LPIPS_NET_B = "vgg", "alex"  # the backbones of the two variants' reference scripts
+LPIPS_NETS = {"ojha": "vgg", "dfmgan": "alex", "seas": "vgg"}  # each variant's reference script's backbone
+IC_LPIPS_KEYS = {variant: f"ic_lpips_{variant}" for variant in LPIPS_NETS}
+IC_LPIPS_SOURCES = {"ojha": "Ojha et al.", "dfmgan": "DFMGAN", "seas": "SeaS"}
+SEAS_CLUSTER_CAP, SEAS_IMAGES = 140, 1000
+IS_SIZE = 256
 
 # torchvision trunks that lpips loads; lpips ships its own linear layers (lpips/weights/v0.1/NET.pth)
 LPIPS_TRUNKS = {
@@ -47,10 +55,11 @@ def inception_weights(path=None):
     return (Path(path) if path else hub_checkpoint(URL_INCEPTION_V3.rsplit("/", 1)[-1])), URL_INCEPTION_V3
 
 
-def _absent_weights(need_is=True, lpips_nets=(), inception_path=None):
+def _absent_weights(need_is=True, lpips_nets=(), inception_path=None, extra=()):
     """[(path, URL or None)] of every pretrained file that is not where the libraries look; URL None
-    for files that cannot be fetched (a user-given path, lpips' own layers)."""
-    absent = []
+    for files that cannot be fetched (a user-given path, lpips' own layers). `extra`: more (hub cache
+    file name, URL) pairs."""
+    absent = [(hub_checkpoint(name), url) for name, url in extra if not hub_checkpoint(name).is_file()]
     if need_is:
         path, url = inception_weights(inception_path)
         if not path.is_file():
@@ -76,16 +85,16 @@ def _describe(path, url):
     return str(path)
 
 
-def missing_weights(need_is=True, lpips_nets=(), inception_path=None):
+def missing_weights(need_is=True, lpips_nets=(), inception_path=None, extra=()):
     """['FILE (download URL)'] for every pretrained file that is not where the libraries look."""
-    return [_describe(path, url) for path, url in _absent_weights(need_is, lpips_nets, inception_path)]
+    return [_describe(path, url) for path, url in _absent_weights(need_is, lpips_nets, inception_path, extra)]
 
 
-def require_weights(need_is=True, lpips_nets=(), inception_path=None, offline=False):
+def require_weights(need_is=True, lpips_nets=(), inception_path=None, extra=(), offline=False):
     """Fetch missing pretrained files into the torch hub cache, where and as torchvision and
     torch-fidelity fetch them; when fetching is off (`offline`) or fails, one error naming every file."""
     failed, reason = [], None
-    for path, url in _absent_weights(need_is, lpips_nets, inception_path):
+    for path, url in _absent_weights(need_is, lpips_nets, inception_path, extra):
         if url is None or offline:
             failed.append((path, url))
             continue
@@ -99,7 +108,7 @@ def require_weights(need_is=True, lpips_nets=(), inception_path=None, offline=Fa
         why = "fetching is off (HF_HUB_OFFLINE / --local_files_only)" if offline else f"could not download them ({reason})" if reason else "not found"
         raise UserError(
             f"pretrained weights missing and {why}: put " + "; ".join(_describe(p, u) for p, u in failed)
-            + " (TORCH_HOME moves the cache; --parts segmentation,gallery skips IS and IC-LPIPS)"
+            + " (TORCH_HOME moves the cache; --parts segmentation,gallery skips IS, IC-LPIPS and classification)"
         )
 
 
@@ -185,11 +194,11 @@ def inception_score(files, device="cpu", batch_size=32, splits=10, weights_path=
     device = torch.device(device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    sizes = [image_size(f) for f in files]
-    transforms = None
-    if len(set(sizes)) > 1:  # batches need one size; Inception resizes to 299 anyway
-        common = max(set(sizes), key=sizes.count)
-        transforms = lambda im: pil_to_tensor(im.resize(common))  # noqa: E731
+    from PIL import Image
+
+    def transforms(im):  # the peers resize to 256 before Inception; torch-fidelity then goes to 299
+        return pil_to_tensor(im.convert("RGB").resize((IS_SIZE, IS_SIZE), Image.BILINEAR))
+
     result = torch_fidelity.calculate_metrics(
         input1=ImagesPathDataset([str(f) for f in files], transforms),
         isc=True,
@@ -315,8 +324,8 @@ def _cluster_values(distances, generated, real, choose, lonely, desc):
     return values, sizes
 
 
-def ic_lpips_anomalydiffusion(distances, generated, real_train, rng, cluster_size=50):
-    """Variant (a). `distances(xs, ys)` -> matrix. Returns (score, per-cluster values, cluster sizes)."""
+def ic_lpips_ojha(distances, generated, real_train, rng, cluster_size=50):
+    """Ojha et al. (feat_cluster.py). `distances(xs, ys)` -> matrix. Returns (score, per-cluster values, cluster sizes)."""
     if len(real_train) == 0 or len(generated) == 0:
         return math.nan, [], []
     values, sizes = _cluster_values(distances, generated, real_train, lambda m: rng.permutation(m)[:cluster_size].tolist(), math.nan, "IC-LPIPS (a)")
@@ -324,7 +333,7 @@ def ic_lpips_anomalydiffusion(distances, generated, real_train, rng, cluster_siz
 
 
 def ic_lpips_dfmgan(distances, generated, real_all, cap=200):
-    """Variant (b). Returns (score, per-cluster values, cluster sizes before the cap)."""
+    """DFMGAN (metrics/lpips.py); SeaS with VGG, cap 140, first 1000 images. Returns (score, per-cluster values, cluster sizes before the cap)."""
     if len(real_all) == 0 or len(generated) == 0:
         return math.nan, [], []
     values, sizes = _cluster_values(distances, generated, real_all, lambda m: m[:cap].tolist(), 0.0, "IC-LPIPS (b)")

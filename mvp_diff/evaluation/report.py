@@ -1,5 +1,6 @@
-"""The report folder: report.md, metrics.json, iou.png (bar chart) and gallery.html (with its images
-under gallery/, linked by relative paths so the page opens from disk)."""
+"""The report folder: report.md (every table names its protocol), metrics.json, plot.png (bar chart
+of the protocol's headline metric) and gallery.html (with its images under gallery/, linked by
+relative paths so the page opens from disk)."""
 
 import html
 import io
@@ -9,30 +10,35 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from . import quality as Q
 from .pipeline import SETTINGS
+from .protocols import PUBLISHED_QUALITY
+from .results import EvaluationResult
 
-PUBLISHED = (
-    "Published MVTec AD averages, each under its authors' own protocol (peers select the epoch on the test set): "
-    "AnomalyDiffusion IS 1.80, IC-LPIPS 0.32, pixel AUROC 99.1, AP 81.4, F1-max 76.3; "
-    "SeaS IS 1.88, IC-LPIPS 0.34, IoU 57.66; DRAEM IoU 60.30."
-)
-SEG_COLUMNS = (
-    ("pixel_auroc", "pixel AUROC"),
-    ("pixel_ap", "pixel AP"),
-    ("pixel_f1_max", "pixel F1-max"),
-    ("iou", "IoU"),
-    ("iou_val_threshold", "IoU (val. threshold)"),
-    ("image_auroc", "image AUROC"),
-    ("image_ap", "image AP"),
-)
+METRIC_LABELS = {
+    "pixel_auroc": "pixel AUROC",
+    "pixel_ap": "pixel AP",
+    "pixel_f1_max": "pixel F1-max",
+    "aupro": "AUPRO (FPR 0.3)",
+    "iou_per_image": "IoU per image (SeaS/LFD)",
+    "iou_val_threshold": "IoU (val. threshold)",
+    "image_auroc": "image AUROC",
+    "image_ap": "image AP",
+    "image_f1_max": "image F1-max",
+}
+QUALITY_LABELS = {"is": "IS (256 px)"} | {key: f"IC-LPIPS ({Q.IC_LPIPS_SOURCES[v]})" for v, key in Q.IC_LPIPS_KEYS.items()}
+
+
+def _missing(value):
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _pct(value):
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+    return "n/a" if _missing(value) else f"{100 * value:.1f}"
 
 
 def _num(value, digits):
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+    return "n/a" if _missing(value) else f"{value:.{digits}f}"
 
 
 def _table(header, rows):
@@ -41,71 +47,78 @@ def _table(header, rows):
     return "\n".join(lines)
 
 
-def clean(obj):
-    """JSON-safe copy: NaN and inf become null."""
-    if isinstance(obj, dict):
-        return {str(k): clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
+def setting_label(key):
+    setting, _, generator = key.partition(":")
+    return f"({setting}) {generator}" if generator else f"({setting}) {SETTINGS[setting]}"
 
 
-def quality_section(name, quality):
-    net_a, net_b = quality["lpips_net_a"], quality["lpips_net_b"]
-    rows = [
-        [d, r["n"], f"{_num(r['is'], 2)} ± {_num(r['is_std'], 2)} ({r['is_splits']} split{'s' if r['is_splits'] > 1 else ''})", _num(r["ic_lpips_a"], 3), _num(r["ic_lpips_b"], 3)]
-        for d, r in quality["per_defect"].items()
-    ]
-    m = quality["mean"]
-    rows.append(["**mean**", m["n"], f"**{_num(m['is'], 2)}**", f"**{_num(m['ic_lpips_a'], 3)}**", f"**{_num(m['ic_lpips_b'], 3)}**"])
-    header = ["defect type", "generated", "IS", f"IC-LPIPS (a) AnomalyDiffusion, {net_a}", f"IC-LPIPS (b) DFMGAN/SeaS, {net_b}"]
-    return f"**Generation quality** ({name})\n\n" + _table(header, rows)
+def segmentation_table(metrics, settings):
+    """Rows = the protocol's metrics, a column per setting (one per generator); where the peer selects
+    on the test set, its number sits in a labelled column beside the honest one."""
+    columns = []
+    for key, r in settings.items():
+        columns.append((setting_label(key) + f", {r.selection['selected_on']}", r.metrics))
+        peer = r.selection.get("peer_selected")
+        if peer:
+            columns.append((setting_label(key) + f", epoch chosen on the TEST set ({peer['rule']})", peer["metrics"]))
+    rows = [[METRIC_LABELS.get(m, m)] + [_pct(values.get(m)) for _, values in columns] for m in metrics]
+    return _table(["metric"] + [label for label, _ in columns], rows)
 
 
-def segmentation_section(name, seg, counts, image_size):
-    n_test = sum(c["test"] for d, c in counts.items() if d != "good")
-    n_good = counts["good"]["test"]
+def per_defect_table(metrics, settings):
     rows = []
-    for key, r in seg["settings"].items():
-        m = r["metrics"]
-        c = r["train_counts"]
-        rows.append([f"({key}) {SETTINGS[key]}", c["real"] + c["added"]] + [_pct(m.get(k)) for k, _ in SEG_COLUMNS] + [r["selection"]["epoch"]])
-    header = ["setting", "train pairs"] + [label for _, label in SEG_COLUMNS] + ["selected epoch"]
-    text = (
-        f"**Downstream segmentation** ({name}; test: {n_test} real held-out anomalies + {n_good} test/good; "
-        f"pixel metrics at {image_size}x{image_size}; {seg['steps']} steps per setting)\n\n" + _table(header, rows)
-    )
-    defects = sorted({d for r in seg["settings"].values() for d in r["per_defect"]})
-    if defects:
-        keys = list(seg["settings"])
-        per = [[d, seg["settings"][keys[0]]["per_defect"].get(d, {}).get("n", 0)] + [_pct(seg["settings"][k]["per_defect"].get(d, {}).get("iou")) for k in keys] for d in defects]
-        text += "\n\nIoU by defect type (its test anomalies with all test/good images):\n\n" + _table(["defect type", "test anomalies"] + [f"({k})" for k in keys], per)
-    return text
+    for defect in sorted({d for r in settings.values() for d in r.per_defect}):
+        for key, r in settings.items():
+            row = r.per_defect.get(defect)
+            if row:
+                rows.append([defect, setting_label(key), row["n"]] + [_pct(row.get(m)) for m in metrics])
+    return _table(["defect type", "setting", "test anomalies"] + [METRIC_LABELS.get(m, m) for m in metrics], rows)
 
 
-def write_plot(path, classes):
+CLASSIFICATION_LABEL = "defect-type accuracy (ResNet-34, AnomalyDiffusion)"
+
+
+def quality_table(quality, classification):
+    """Rows = quality metrics, a column per generator (class means over defect types)."""
+    names = list(quality or classification)
+    means = {g: dict((quality or {})[g].mean if quality else {}) for g in names}
+    for g, r in (classification or {}).items():
+        means[g]["classification_accuracy"] = r["accuracy"]
+    rows = [["generated images"] + [means[g].get("n", "") for g in names]]
+    rows += [[label] + [_num(means[g].get(key), 2 if key == "is" else 3) for g in names] for key, label in QUALITY_LABELS.items()]
+    if classification:
+        rows.append([CLASSIFICATION_LABEL] + [_pct(means[g].get("classification_accuracy")) for g in names])
+    return _table(["metric"] + names, rows)
+
+
+def quality_per_defect(quality):
+    rows = [
+        [g, d, r["n"], f"{_num(r['is'], 2)} ± {_num(r['is_std'], 2)} ({r['is_splits']} split{'s' if r['is_splits'] > 1 else ''})"]
+        + [_num(r.get(key), 3) for key in Q.IC_LPIPS_KEYS.values()]
+        for g, q in quality.items()
+        for d, r in q.per_defect.items()
+    ]
+    return _table(["generator", "defect type", "generated", "IS (256 px)"] + [QUALITY_LABELS[k] for k in Q.IC_LPIPS_KEYS.values()], rows)
+
+
+def write_plot(path, classes, metric, protocol_name):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n, c in classes.items() if c.get("segmentation")]
-    keys = [k for k in SETTINGS if any(k in classes[n]["segmentation"]["settings"] for n in names)]
+    names = [n for n, c in classes.items() if c.segmentation]
+    keys = list(dict.fromkeys(k for n in names for k in classes[n].segmentation.settings))
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names) * max(1, len(keys)) / 2), 3.6), dpi=110)
     width = 0.8 / max(1, len(keys))
-    colours = {"a": "#8c8c8c", "b": "#d62728", "c": "#ff9896", "d": "#1f77b4"}
     for i, key in enumerate(keys):
-        values = [100 * (classes[n]["segmentation"]["settings"].get(key, {}).get("metrics", {}).get("iou") or 0.0) for n in names]
+        values = [100 * ((r.metrics.get(metric) if (r := classes[n].segmentation.settings.get(key)) else None) or 0.0) for n in names]
         xs = np.arange(len(names)) + (i - (len(keys) - 1) / 2) * width
-        bars = ax.bar(xs, values, width, label=f"({key}) {SETTINGS[key]}", color=colours[key])
+        bars = ax.bar(xs, values, width, label=setting_label(key))
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(np.arange(len(names)), names)
-    ax.set_ylabel("IoU at F1-max threshold (%)")
-    ax.set_title("Downstream segmentation IoU per setting")
+    ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%)")
+    ax.set_title(f"Downstream segmentation, protocol {protocol_name}")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()
@@ -125,7 +138,7 @@ def write_gallery(path, classes):
         "<p>Per sample: the defect-free image it was made from, the generated image, its box (green) and its precise mask (red).</p>",
     ]
     for name, c in classes.items():
-        entries = c.get("gallery") or []
+        entries = c.gallery or []
         parts.append(f"<h2>{html.escape(name)}</h2>")
         if not entries:
             parts.append("<p>No generated samples.</p>")
@@ -145,60 +158,125 @@ def write_gallery(path, classes):
     atomic_write_text(path, "\n".join(parts) + "\n")
 
 
-def write_report(out, results):
+def protocol_lines(protocol):
+    d, train = protocol["definition"], protocol["train"]
+    selection = {
+        "validation": "epoch with the best validation pixel AP (validation carved from the train side; its anomalies are in the "
+        "generator-train share, so selection may favour (b)/(c); validation good images a generator painted on are left out)",
+        "last": "the last epoch",
+    }
+    steps = train["fixed_steps_per_epoch"] or f"ceil(train/good / {train['batch_size'] // 2})"
+    pool = d["image_score_pool"]
+    rounding = "ceil" if d["split_rounding"] == "ceil" else "floor"
+    lines = [
+        f"- Reference: {d['reference']}.",
+        f"- Split (per defect type, sorted by file name): the first {rounding}(n x {protocol['train_fraction']:.3g}) may have trained "
+        "the generator; the rest plus test/good is the test set.",
+        "- Trains on: " + "; ".join(f"({k}) {v}" for k, v in protocol["settings"].items()) + " (each with train/good, half of every batch).",
+        f"- Model: DRAEM's discriminative U-Net, {d['decoder']} decoder, width {train['base_channels']}, init {d['init']}, focal loss, "
+        f"Adam lr {train['lr']:g} (x0.2 at 80% and 90% of the steps), batch {train['batch_size']}, {train['image_size']}x{train['image_size']}, "
+        f"{train['epochs']} epochs of {steps} steps, seed {protocol['seed']}.",
+        f"- Reported epoch: {selection[d['selection']]}"
+        + (f"; beside it, labelled, the peer's own choice ({d['peer_selection']})." if d["peer_selection"] else "."),
+        f"- Image score: max of the map{f' after a {pool}x{pool} average pool' if pool > 1 else ''}; pixel metrics pool all test pixels; "
+        "AUPRO up to FPR 0.3; IoU per image = best over thresholds per anomalous image, averaged.",
+    ]
+    if "d" in protocol["settings"]:
+        source = protocol["anomaly_source_path"] or "the class's other train/good images (DRAEM used DTD: pass --anomaly_source_path)"
+        lines.append(f"- (d): DRAEM's Perlin masks (rotated +-90) and three of its ten texture augmentations; textures from {source}.")
+    lines += [f"- {n}" for n in d["notes"]]
+    if protocol["overrides"]:
+        lines.append("- **Budget overridden (smoke run, not the protocol's numbers):** "
+                     + ", ".join(f"--{k} {v['used']} (protocol: {v['protocol']})" for k, v in protocol["overrides"].items()))  # fmt: skip
+    return lines
+
+
+def published_table(protocol):
+    rows = [[source, protocol["name"]] + [_pct(values.get(m)) for m in protocol["definition"]["metrics"]]
+            for source, values in protocol["definition"]["published"].items()]  # fmt: skip
+    if not rows:
+        return "None: no peer has published numbers under this protocol."
+    return _table(["published", "protocol"] + [METRIC_LABELS.get(m, m) for m in protocol["definition"]["metrics"]], rows)
+
+
+def write_report(out, results: EvaluationResult):
     """Write every report file under `out`; returns the report.md path."""
     out = Path(out)
-    classes, protocol = results["classes"], results["protocol"]
-    atomic_write_json(out / "metrics.json", clean(results))
-    has_seg = any(c.get("segmentation") for c in classes.values())
+    classes, protocol = results.classes, results.protocol
+    name, metrics = protocol["name"], protocol["definition"]["metrics"]
+    atomic_write_json(out / "metrics.json", results.to_json())
+    has_seg = any(c.segmentation for c in classes.values())
     if has_seg:
-        write_plot(out / "iou.png", classes)
+        write_plot(out / "plot.png", classes, metrics[0], name)
     write_gallery(out / "gallery.html", classes)
 
-    train = protocol["train"]
-    lines = ["# MvP-Diff evaluation", ""]
+    lines = [f"# MvP-Diff evaluation, protocol `{name}`", ""]
     if protocol["random_weights_for_testing"]:
         lines += ["> **Random weights (test mode): IS and IC-LPIPS below come from untrained networks and mean nothing.**", ""]
+    if protocol["overrides"]:
+        lines += ["> **Budget flags override the protocol (" + ", ".join(f"--{k} {v['used']}" for k, v in protocol["overrides"].items())
+                  + "): a smoke run, not comparable with published numbers.**", ""]  # fmt: skip
     lines += [f"Command: `{protocol['command']}`", ""]
     if has_seg:
-        lines += ["![IoU per setting](iou.png)", ""]
-    lines += ["Samples with their boxes and masks: [gallery.html](gallery.html)", "", "## Results", ""]
-    for name, c in classes.items():
-        lines += [f"### {name}", ""]
-        if c.get("quality"):
-            lines += [quality_section(name, c["quality"]), ""]
-        if c.get("segmentation"):
-            lines += [segmentation_section(name, c["segmentation"], c["counts"], train["image_size"]), ""]
-        if c["notes"]:
-            lines += ["Notes:", ""] + [f"- {n}" for n in c["notes"]] + [""]
+        lines += ["![headline metric per setting](plot.png)", ""]
+    lines += ["Samples with their boxes and masks: [gallery.html](gallery.html)", ""]
+    mean = results.mean
+    if len(classes) > 1 and (mean["segmentation"] or mean["quality"]):
+        lines += [f"## Mean over {mean['classes']} classes [{name}]", ""]
+        if mean["segmentation"]:
+            rows = [[METRIC_LABELS.get(m, m)] + [_pct(v.get(m)) for v in mean["segmentation"].values()] for m in metrics]
+            lines += [_table(["metric"] + [setting_label(k) for k in mean["segmentation"]], rows), ""]
+        if mean["quality"]:
+            rows = [[label] + [_num(q.get(key), 2 if key == "is" else 3) for q in mean["quality"].values()] for key, label in QUALITY_LABELS.items()]
+            rows.append([CLASSIFICATION_LABEL] + [_pct(q.get("classification_accuracy")) for q in mean["quality"].values()])
+            lines += [_table(["metric"] + list(mean["quality"]), rows), ""]
+    lines += ["## Results", ""]
+    for cname, c in classes.items():
+        lines += [f"### {cname}", ""]
+        if c.quality or c.classification:
+            lines += [f"**Generation quality** ({cname}, protocol {name})", "", quality_table(c.quality, c.classification), ""]
+        if c.quality:
+            lines += [quality_per_defect(c.quality), ""]
+        if c.segmentation:
+            n_test = sum(v["test"] for d, v in c.counts.items() if d != "good")
+            lines += [
+                f"**Downstream segmentation** ({cname}, protocol {name}; test: {n_test} real held-out anomalies + {c.counts['good']['test']} "
+                f"test/good; {c.segmentation.steps} steps per setting)",
+                "",
+                segmentation_table(metrics, c.segmentation.settings),
+                "",
+                f"By defect type ({cname}, protocol {name}; each type's test anomalies with all test/good images):",
+                "",
+                per_defect_table(metrics, c.segmentation.settings),
+                "",
+            ]
+        if c.notes:
+            lines += ["Notes:", ""] + [f"- {n}" for n in c.notes] + [""]
+    lines += [f"## Protocol `{name}`", ""] + protocol_lines(protocol) + [""]
     lines += [
-        "## Protocol",
+        f"- IS: torch-fidelity, Inception v3 logits, per defect-type folder, images resized to {protocol['is_size']} first, "
+        f"{protocol['isc_splits']} splits (fewer when under 10 images per split), class value = mean over defect types.",
+        f"- IC-LPIPS at {protocol['lpips_size']}x{protocol['lpips_size']}: Ojha et al. (feat_cluster.py): clusters = generator-train anomalies, "
+        f"nearest by LPIPS ({protocol['lpips_nets']['ojha']}), {protocol['ic_cluster_size']} random per cluster, NaN-mean over clusters; "
+        f"DFMGAN (metrics/lpips.py): clusters = all real anomalies of the type, first {protocol['ic_cluster_cap']} per cluster, clusters under "
+        f"two images count 0 ({protocol['lpips_nets']['dfmgan']}); SeaS: DFMGAN's rule, cap {Q.SEAS_CLUSTER_CAP}, first {Q.SEAS_IMAGES} images "
+        f"({protocol['lpips_nets']['seas']}).",
+        f"- Defect-type accuracy: AnomalyDiffusion's train-classification.py: ImageNet ResNet-34, new last layer, trained on the generated "
+        f"images of each type ({protocol['classify_epochs']} epochs, Adam 1e-4, batch 8), tested on the held-out real anomalies; last epoch.",
         "",
-        f"- Split (per defect type, sorted by file name): the first {protocol['train_fraction']:.3g} may have trained the generator; "
-        "the rest plus test/good is the test set, read once per setting after training, never for model selection.",
-        f"- Validation, for model selection only: {protocol['val_fraction']:.3g} of the generator-train anomalies (at least one is kept "
-        f"for training) and of train/good, chosen with seed {protocol['seed']}; the same for every setting. Peers select the epoch "
-        "on the test set; we do not.",
-        f"- Model: DRAEM's discriminative U-Net on the image alone (3 channels), base width {train['base_channels']}, focal loss (gamma 2), "
-        f"Adam lr {train['lr']:g} (x0.2 at 80% and 90% of the steps), batch {train['batch_size']} = half train/good, half anomaly pairs, "
-        f"{train['image_size']}x{train['image_size']}, {train['epochs']} epochs of ceil(train/good / {train['batch_size'] // 2}) steps "
-        f"(same steps and seed {protocol['seed']} in every setting), validation every {train['val_every']} epoch(s), best validation pixel AP kept.",
-        "- Metrics: all test pixels pooled; AUROC and AP as scikit-learn defines them; F1-max over all thresholds; IoU at the F1-max "
-        "threshold (the field's number) and at the F1-max threshold of the validation set (an honest one); image score = max of the map.",
-        f"- IS: torch-fidelity, Inception v3 logits, per defect-type folder, {protocol['isc_splits']} splits (fewer when under 10 images per split), "
-        "class value = mean over defect types.",
-        f"- IC-LPIPS at {protocol['lpips_size']}x{protocol['lpips_size']}: (a) AnomalyDiffusion: clusters = generator-train anomalies, nearest by "
-        f"LPIPS ({protocol['lpips_nets']['a']}), {protocol['ic_cluster_size']} random per cluster, mean pairwise, NaN-mean over clusters; "
-        f"(b) DFMGAN/SeaS: clusters = all real anomalies of the type, first {protocol['ic_cluster_cap']} per cluster, "
-        f"clusters under two images count 0, mean ({protocol['lpips_nets']['b']}).",
-        f"- {PUBLISHED}",
+        f"### Published numbers under protocol `{name}`",
+        "",
+        published_table(protocol),
+        "",
+        "Generation quality as published (MVTec AD means, SeaS's table: IS on 256 px images, IC-LPIPS SeaS's variant): "
+        + "; ".join(f"{src}: " + ", ".join(f"{QUALITY_LABELS[k]} {v:.2f}" for k, v in vals.items()) for src, vals in PUBLISHED_QUALITY.items()),
         "",
         "Real data per class (anomalies):",
         "",
     ]
-    for name, c in classes.items():
-        rows = [[d, v.get("generator_train", ""), v["downstream_train"], v["validation"], v["test"]] for d, v in c["counts"].items()]
-        lines += [f"{name}:", "", _table(["defect type", "generator-train", "downstream train", "validation", "test"], rows), ""]
-    lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
+    for cname, c in classes.items():
+        rows = [[d, v.get("generator_train", ""), v["downstream_train"], v["validation"], v["test"]] for d, v in c.counts.items()]
+        lines += [f"{cname}:", "", _table(["defect type", "generator-train", "downstream train", "validation", "test"], rows), ""]
+    lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in results.versions.items()), ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return out / "report.md"

@@ -16,7 +16,6 @@ data.real_split) and the best pixel AP is kept. The test set is only read after 
 
 import copy
 import math
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -51,17 +50,23 @@ def _up(cin, cout):
 
 class DiscriminativeUNet(nn.Module):
     """DRAEM's discriminative sub-network: input sides must be multiples of 32; returns logits
-    (N, out_channels, H, W), channel 1 = anomalous."""
+    (N, out_channels, H, W), channel 1 = anomalous.
 
-    def __init__(self, in_channels=3, out_channels=2, base_channels=64):
+    decoder="draem" is DRAEM's own (DiscriminativeSubNetwork in AnomalyDiffusion's
+    unet_utils/model_unet.py): level i decodes to widths[i-1] (b, b, 2b, 4b, 8b), 28.4 M parameters at
+    b = 64. decoder="wide" decodes every level to its skip's width, 36.9 M parameters."""
+
+    def __init__(self, in_channels=3, out_channels=2, base_channels=64, decoder="wide"):
         super().__init__()
         b = base_channels
         widths = [b, 2 * b, 4 * b, 8 * b, 8 * b, 8 * b]
+        out = widths[:5] if decoder == "wide" else [b, b, 2 * b, 4 * b, 8 * b]
         self.encoder = nn.ModuleList(_double_conv(cin, cout) for cin, cout in zip([in_channels] + widths[:-1], widths))
         self.pool = nn.MaxPool2d(2)
-        # decoder: up from level i+1 to level i's width, then fuse with level i's skip
-        self.ups = nn.ModuleList(_up(widths[i + 1], widths[i]) for i in reversed(range(5)))
-        self.fuse = nn.ModuleList(_double_conv(2 * widths[i], widths[i]) for i in reversed(range(5)))
+        # decoder: up from level i+1 to out[i], then fuse with level i's skip
+        below = out[1:] + [widths[5]]
+        self.ups = nn.ModuleList(_up(below[i], out[i]) for i in reversed(range(5)))
+        self.fuse = nn.ModuleList(_double_conv(out[i] + widths[i], out[i]) for i in reversed(range(5)))
         self.head = nn.Conv2d(b, out_channels, 3, padding=1)
 
     def forward(self, x):
@@ -73,6 +78,16 @@ class DiscriminativeUNet(nn.Module):
         for up, fuse in zip(self.ups, self.fuse):
             x = fuse(torch.cat([up(x), skips.pop()], dim=1))
         return self.head(x)
+
+
+def draem_init(module):
+    """DRAEM's and AnomalyDiffusion's weights_init (train-localization.py): conv weights N(0, 0.02),
+    BatchNorm weights N(1, 0.02) and biases 0."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
 
 
 def focal_loss(logits, target, gamma=2.0, smooth=1e-5):
@@ -165,9 +180,14 @@ class TrainConfig:
     predict_mixed_precision: str = "no"
     device: str = "cpu"
     seed: int = 0
+    decoder: str = "wide"
+    init: str = "pytorch"  # or "normal": draem_init
+    fixed_steps_per_epoch: int = None  # None: enough to show every train/good image once
+    selection: str = "validation"  # or "last"
+    image_score_pool: int = 1
 
     def steps_per_epoch(self, n_good):
-        return max(1, math.ceil(n_good / (self.batch_size // 2)))
+        return self.fixed_steps_per_epoch or max(1, math.ceil(n_good / (self.batch_size // 2)))
 
 
 def _autocast(cfg, mode=None):
@@ -189,16 +209,22 @@ def predict(model, dataset, cfg, desc="predict"):
     return np.concatenate(maps) if maps else np.zeros((0, cfg.image_size, cfg.image_size), np.float32)
 
 
-def train_model(good_set, anomaly_set, val_set, cfg: TrainConfig, desc="train"):
-    """Train on half good / half anomaly batches; keep the epoch with the best validation pixel AP.
+def train_model(good_set, anomaly_set, val_set, cfg: TrainConfig, desc="train", after_epoch=None):
+    """Train on half good / half anomaly batches; keep the epoch with the best validation pixel AP
+    (cfg.selection "validation") or the last one ("last").
 
     Takes the training and validation data only: the test set cannot take part in model selection.
+    `after_epoch(model, epoch)` lets a protocol whose peer selects on the test set record that
+    number beside the honest one; it cannot change the weights returned.
     Returns (model with the selected weights, selection info)."""
     if cfg.image_size % 32:
         raise ValueError(f"image size {cfg.image_size} is not a multiple of 32")
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # same initial weights in every setting
-    model = DiscriminativeUNet(3, 2, cfg.base_channels).to(device)
+    model = DiscriminativeUNet(3, 2, cfg.base_channels, cfg.decoder)
+    if cfg.init == "normal":
+        model.apply(draem_init)
+    model = model.to(device)
     half = max(1, cfg.batch_size // 2)
     steps_per_epoch = cfg.steps_per_epoch(len(good_set))
     total = steps_per_epoch * cfg.epochs
@@ -212,7 +238,7 @@ def train_model(good_set, anomaly_set, val_set, cfg: TrainConfig, desc="train"):
         train_set, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
     )  # fmt: skip
-    can_select = val_set is not None and len(val_set) > 0 and val_set.labels.any() and val_set.masks.any()
+    can_select = cfg.selection == "validation" and val_set is not None and len(val_set) > 0 and val_set.labels.any() and val_set.masks.any()
     best = {"epoch": cfg.epochs, "val_pixel_ap": math.nan, "val_threshold": None}
     best_state, history = None, []
     model.train()
@@ -229,6 +255,9 @@ def train_model(good_set, anomaly_set, val_set, cfg: TrainConfig, desc="train"):
         scheduler.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         epoch, end_of_epoch = divmod(step, steps_per_epoch)
+        if end_of_epoch == 0 and after_epoch is not None:
+            after_epoch(model, epoch)
+            model.train()
         if end_of_epoch == 0 and can_select and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
             maps = predict(model, val_set, cfg, desc="validate")
             ap = M.average_precision(maps, val_set.masks)
@@ -241,33 +270,40 @@ def train_model(good_set, anomaly_set, val_set, cfg: TrainConfig, desc="train"):
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
-    best.update(steps=total, steps_per_epoch=steps_per_epoch, history=history, selected_on="validation pixel AP" if can_select else "last epoch (no validation anomalies)")
+    best.update(steps=total, steps_per_epoch=steps_per_epoch, history=history, selected_on="validation pixel AP" if can_select else "last epoch" if cfg.selection == "last" else "last epoch (no validation anomalies)")
     return model, best
+
+
+def image_scores(maps, pool=1):
+    """Max of each map after a pool x pool average (AnomalyDiffusion/DRAEM: 21, stride 1, zero padding)."""
+    t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
+    if pool > 1:
+        t = torch.nn.functional.avg_pool2d(t, pool, stride=1, padding=pool // 2)
+    return t.flatten(1).max(1).values.numpy()
+
+
+def all_metrics(maps, masks, labels, pool=1, val_threshold=None):
+    """Every metric the protocols print, for one set of maps."""
+    out = M.segmentation_metrics(maps, masks, labels, val_threshold)
+    scores = image_scores(maps, pool)
+    out["image_auroc"] = M.auroc(scores, labels)
+    out["image_ap"] = M.average_precision(scores, labels)
+    out["image_f1_max"] = M.image_f1_max(labels, scores)
+    out["aupro"] = M.aupro(maps, masks)
+    out["iou_per_image"] = M.per_image_best_iou(maps[labels], masks[labels]) if labels.any() else math.nan
+    return out
 
 
 def evaluate_model(model, test_set, cfg, val_threshold=None, desc="test"):
     """Metrics on the test set, overall and per defect type (that type's anomalies with all good images)."""
     maps = predict(model, test_set, cfg, desc=desc)
-    overall = M.segmentation_metrics(maps, test_set.masks, test_set.labels, val_threshold)
+    overall = all_metrics(maps, test_set.masks, test_set.labels, cfg.image_score_pool, val_threshold)
     defects = np.array([s.defect_type for s, _ in test_set.items])
     per_defect = {}
     good = ~test_set.labels
     for defect in sorted(set(defects[test_set.labels])):
         keep = (defects == defect) | good
-        f1, _, iou = M.f1_max(maps[keep], test_set.masks[keep])
-        per_defect[defect] = {
-            "n": int((defects == defect).sum()),
-            "pixel_auroc": M.auroc(maps[keep], test_set.masks[keep]),
-            "pixel_ap": M.average_precision(maps[keep], test_set.masks[keep]),
-            "pixel_f1_max": f1,
-            "iou": iou,
-        }
+        per_defect[defect] = {"n": int((defects == defect).sum())}
+        per_defect[defect] |= all_metrics(maps[keep], test_set.masks[keep], test_set.labels[keep], cfg.image_score_pool, val_threshold)
     return overall, per_defect
 
-
-def run_setting(good_set, anomaly_set, val_set, test_set, cfg, desc="train"):
-    """Train, select on validation, then test once. Returns a result dict."""
-    start = time.time()
-    model, selection = train_model(good_set, anomaly_set, val_set, cfg, desc=desc)
-    overall, per_defect = evaluate_model(model, test_set, cfg, selection["val_threshold"], desc=f"{desc}: test")
-    return {"metrics": overall, "per_defect": per_defect, "selection": selection, "seconds": round(time.time() - start, 1)}
