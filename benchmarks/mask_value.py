@@ -16,7 +16,7 @@ defect-free image outside them, as inpainting.py leaves it. The same degraded im
     box       the box mask ("mask drift")
     official  extract_mask(..., method="official") (the paper's published method)
 
-Training and metrics: `segmentation.run_setting` (DRAEM's discriminative U-Net, half good / half
+Training and metrics: `segmentation.train_model` and `evaluate_model` (DRAEM's discriminative U-Net, half good / half
 pairs per batch, selection on validation pixel AP, one test pass) on train/good + the pairs only (no
 real anomalies, so the labels are the only difference), the same steps and seed for the four labels;
 test metrics from `metrics.segmentation_metrics`. Seeds change the pairs, the initial weights and
@@ -172,7 +172,7 @@ def train_job(job):
     """One (class, seed, label) run of the evaluation's training and test; cached as JSON."""
     import torch
 
-    from mvp_diff.evaluation.segmentation import TrainConfig, run_setting
+    from mvp_diff.evaluation.segmentation import TrainConfig, evaluate_model, train_model
 
     torch.set_num_threads(1)
     path = Path(job["path"])
@@ -182,10 +182,11 @@ def train_job(job):
     cfg = TrainConfig(**job["train"])
     pairs = [Sample(Path(p["image"]), Path(p[job["label"]]), p["defect_type"]) for p in job["pairs"]]
     size = cfg.image_size
-    result = run_setting(
-        PairDataset(split.train_good, size), PairDataset(pairs, size), PairDataset(split.val_set(), size),
-        PairDataset(split.test_set(), size), cfg, desc=f"{job['classname']} {job['label']} seed {cfg.seed}",
-    )  # fmt: skip
+    desc = f"{job['classname']} {job['label']} seed {cfg.seed}"
+    start = time.time()
+    model, selection = train_model(PairDataset(split.train_good, size), PairDataset(pairs, size), PairDataset(split.val_set(), size), cfg, desc=desc)
+    metrics, _ = evaluate_model(model, PairDataset(split.test_set(), size), cfg, selection["val_threshold"], desc=f"{desc}: test")
+    result = {"metrics": metrics, "selection": selection, "seconds": round(time.time() - start, 1)}
     result = {"job": job, "metrics": result["metrics"], "selection": result["selection"], "seconds": result["seconds"]}
     atomic_write_json(path, result)
     return result
