@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import untrusted
 from .errors import UsageError, UserError
 from .files import IMAGE_EXTENSIONS, image_size, read_mask
 
@@ -75,6 +76,7 @@ def list_classes(dataset_root):
 def class_dir(dataset_root, classname) -> Path:
     """DATASET/CLASS, with errors that say what exists."""
     root = Path(dataset_root)
+    untrusted.flag_name(classname, "--classname")
     if not root.is_dir():
         raise UserError(f"dataset folder {root} not found; unzip MVTec AD there or pass --dataset")
     folder = root / classname
@@ -168,16 +170,22 @@ def generated_paths(class_dir: Path, defect_type: str, name: str):
     )
 
 
-def record_path(record, key, moved_root=None) -> Path:
+def record_path(record, key, moved_root=None, where=None) -> Path:
     """Absolute path of a record field stored relative to its `dataset_root`. When that file is gone
-    (the dataset was moved) and `moved_root` holds the same relative path, that one."""
-    value = Path(record[key])
-    if value.is_absolute():
-        return value
-    path = Path(record["dataset_root"]) / value if record.get("dataset_root") else Path(moved_root or ".") / value
-    if not path.exists() and moved_root is not None and (Path(moved_root) / value).exists():
-        return Path(moved_root) / value
-    return path
+    (the dataset was moved) and `moved_root` holds the same relative path, that one. Either way the
+    path must stay inside the root it is read from (no `..` or absolute path out of it): a record
+    names files of its dataset only. `where` names the record in errors (`FILE line N`)."""
+    where = where or "record"
+    value = untrusted.relative_path(record.get(key), untrusted.field_at(where, field=key))
+    own_root = record.get("dataset_root")
+    if own_root is not None:
+        untrusted.relative_path(own_root, untrusted.field_at(where, field="dataset_root"))
+    roots = [Path(r) for r in (own_root, moved_root) if r is not None] or [Path(".")]
+    # An absolute value replaces the root: it counts for the root(s) it lies in.
+    candidates = [root / value for root in roots if untrusted.is_inside(root / value, root)]
+    if not candidates:
+        untrusted.outside(value, roots, untrusted.field_at(where, field=key))
+    return next((path for path in candidates if path.exists()), candidates[0])
 
 
 def relative_to_root(path: Path, dataset_root: Path) -> str:

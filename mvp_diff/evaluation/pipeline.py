@@ -323,7 +323,7 @@ def evaluate(cfg: EvalConfig):
         notes = list(split.notes)
         generated, gen_dir = None, None
         if cfg.generated:
-            gen_dir, generated, gen_notes = load_generated(cfg.generated, name, cfg.mask_suffix)
+            gen_dir, generated, gen_notes = load_generated(cfg.generated, name, cfg.mask_suffix, cfg.dataset)
             check_no_leak(split, gen_dir, generated)
             notes += gen_notes
             absent = [d for d in split.class_data.defect_types if d not in generated]
