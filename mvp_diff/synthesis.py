@@ -154,7 +154,7 @@ def build_samples(records, mask_dir, classname, dataset, seeds, warn=print):
         good = record_path(record, "good_image", dataset)
         if not good.is_file():
             raise UserError(f"{good}: defect-free image of sample {record['index']} not found; rerun random_box.py with this --dataset")
-        box_path = untrusted.inside(folder / record["box_mask"], folder, f"{boxes_path(mask_dir, classname)}: sample {record['index']} box_mask")
+        box_path = folder / record["box_mask"]  # checked to stay in the folder by load_box_records
         if not box_path.is_file():
             raise UserError(f"{box_path}: box mask not found; rerun random_box.py --classname {classname} --outdir {mask_dir}")
         width, height = image_size(good)
