@@ -160,10 +160,13 @@ def _manifest_index(folder: Path):
 
 
 def _good_image(folder, value, dataset, where):
-    """The defect-free image a manifest names, which must lie in the dataset or the generated folder."""
+    """The defect-free image a manifest names, which must lie in the dataset or the generated folder.
+    Without a dataset to check against (library use), one outside the folder is not read."""
     if not value:
         return None
     path = Path(value) if Path(value).is_absolute() else folder / value
+    if dataset is None and not untrusted.is_inside(path, folder):
+        return None
     return untrusted.inside(path, [folder, dataset], where)
 
 
