@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import untrusted
 from .errors import UsageError, UserError
 from .files import IMAGE_EXTENSIONS, image_size, read_mask
 
@@ -74,6 +75,7 @@ def list_classes(dataset_root):
 def class_dir(dataset_root, classname) -> Path:
     """DATASET/CLASS, with errors that say what exists."""
     root = Path(dataset_root)
+    untrusted.flag_name(classname, "--classname")
     if not root.is_dir():
         raise UserError(f"dataset folder {root} not found; unzip MVTec AD there or pass --dataset")
     folder = root / classname
@@ -198,18 +200,24 @@ def move_legacy_generated_boxes(class_dir: Path):
 RECORD_ROOTS = {"bbox_mask": "bbox_root"}
 
 
-def record_path(record, key, moved_root=None) -> Path:
+def record_path(record, key, moved_root=None, where=None) -> Path:
     """Absolute path of a record field stored relative to its root (`dataset_root`, or `bbox_root` for
     `bbox_mask`). When that file is gone (the folder was moved) and `moved_root` holds the same
-    relative path, that one."""
-    value = Path(record[key])
-    if value.is_absolute():
-        return value
-    root = record.get(RECORD_ROOTS.get(key, "dataset_root"))
-    path = Path(root) / value if root else Path(moved_root or ".") / value
-    if not path.exists() and moved_root is not None and (Path(moved_root) / value).exists():
-        return Path(moved_root) / value
-    return path
+    relative path, that one. Either way the path must stay inside the root it is read from (no `..` or
+    absolute path out of it): a record names files of its own folders only. `where` names the record
+    in errors (`FILE line N`)."""
+    where = where or "record"
+    root_key = RECORD_ROOTS.get(key, "dataset_root")
+    value = untrusted.relative_path(record.get(key), untrusted.field_at(where, field=key))
+    own_root = record.get(root_key)
+    if own_root is not None:
+        untrusted.relative_path(own_root, untrusted.field_at(where, field=root_key))
+    roots = [Path(r) for r in (own_root, moved_root) if r is not None] or [Path(".")]
+    # An absolute value replaces the root: it counts for the root(s) it lies in.
+    candidates = [root / value for root in roots if untrusted.is_inside(root / value, root)]
+    if not candidates:
+        untrusted.outside(value, roots, untrusted.field_at(where, field=key))
+    return next((path for path in candidates if path.exists()), candidates[0])
 
 
 def relative_to_root(path: Path, dataset_root: Path) -> str:

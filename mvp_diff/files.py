@@ -1,8 +1,10 @@
 """File helpers: atomic writes (temp file + rename) and image reading with clear errors."""
 
+import contextlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,10 @@ from PIL import Image, UnidentifiedImageError
 from .errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# The largest image read: 16384 x 16384 pixels (0.8 GB as RGB). A file whose header claims more is a
+# decompression bomb or a mistake; it is refused before any pixel is decoded.
+MAX_IMAGE_PIXELS = 16384 * 16384
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -47,17 +53,28 @@ def atomic_write_jsonl(path, records):
 
 def read_jsonl(path):
     """Records of a .jsonl file; a missing file or a bad line is a UserError naming it."""
+    return [record for _, record in read_jsonl_numbered(path)]
+
+
+def read_jsonl_numbered(path):
+    """(line number, record) of every record of a .jsonl file, for errors that name the line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})")
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})")
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{lineno}: not a JSON object; each line holds one record {{...}}")
+            records.append((lineno, record))
     return records
 
 
@@ -73,17 +90,29 @@ def save_image(path, array_or_image, format=None):
     atomic_write_bytes(path, buf.getvalue())
 
 
+@contextlib.contextmanager
+def _opened(path):
+    """Image.open with every failure a UserError naming the file; PIL's decompression-bomb warning
+    (over MAX_IMAGE_PIXELS) is an error too, not a note before an out-of-memory kill."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                yield im
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise UserError(f"{path}: not read, {err} (the limit is {MAX_IMAGE_PIXELS} pixels)")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"{path}: cannot read image ({err.__class__.__name__}: {err})")
+
+
 def open_image(path):
     """PIL image, fully loaded; unreadable or corrupt files raise a UserError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: image not found")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy() if im.mode != "P" else im.convert("RGBA" if "transparency" in im.info else "RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise UserError(f"{path}: cannot read image ({err.__class__.__name__}: {err})")
+    with _opened(path) as im:
+        im.load()
+        return im.copy() if im.mode != "P" else im.convert("RGBA" if "transparency" in im.info else "RGB")
 
 
 GREY_MODES = ("L", "LA", "I;16", "I;16B", "I", "F")
@@ -111,11 +140,8 @@ def read_image(path):
 
 def is_grey(path) -> bool:
     """Whether an image is single-channel, from its header."""
-    try:
-        with Image.open(path) as im:
-            return im.mode in GREY_MODES
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"{path}: cannot read image ({err.__class__.__name__}: {err})")
+    with _opened(path) as im:
+        return im.mode in GREY_MODES
 
 
 def read_mask(path):
@@ -130,8 +156,5 @@ def read_mask(path):
 
 def image_size(path):
     """(width, height) without decoding pixels."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"{path}: cannot read image ({err.__class__.__name__}: {err})")
+    with _opened(path) as im:
+        return im.size

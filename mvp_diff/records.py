@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import untrusted
 from .boxes import box_mask, boxes_from_mask
 from .dataset import BBOX_DIR, ClassData, good_image_for, load_class, relative_to_root, split_anomalies
 from .errors import UserError
@@ -85,12 +86,26 @@ def load_saved_boxes(class_data: ClassData, outdir=DEFAULT_OUTDIR, params: BoxPa
     try:
         saved = json.loads(path.read_text())
         boxes = {key: entry["boxes"] for key, entry in saved["anomalies"].items()}
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: unreadable ({err}); rerun boundbox.py")
+    check_saved_boxes(path, saved, class_data.name)
     if params is not None and saved.get("params") != params.as_dict():
         made = " ".join(f"--{k} {v}" for k, v in (saved.get("params") or {}).items())
         raise UserError(f"{path} was made with {made or 'other flags'}; rerun boundbox.py with the flags given here, or pass the same ones")
     return boxes
+
+
+def check_saved_boxes(path, saved, classname):
+    """Every name and box of a boxes.json checked before use (the file may have been edited or shared)."""
+    if "class" in saved and untrusted.component(saved["class"], untrusted.field_at(path, field="class")) != classname:
+        raise UserError(f"{path} holds boxes of class {saved['class']!r}, not {classname!r}; rerun boundbox.py")
+    for key, entry in saved["anomalies"].items():
+        at = f"{path}: anomaly {json.dumps(key)}"
+        untrusted.json_object(entry, at)
+        width = untrusted.size(entry.get("width"), untrusted.field_at(at, field="width"))
+        height = untrusted.size(entry.get("height"), untrusted.field_at(at, field="height"))
+        for found in untrusted.json_list(entry["boxes"], untrusted.field_at(at, field="boxes")):
+            untrusted.box(found, width, height, untrusted.field_at(at, field="boxes"))
 
 
 def build_records(class_data: ClassData, boxes, train_fraction=1 / 3, outdir=DEFAULT_OUTDIR):

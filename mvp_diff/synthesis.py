@@ -17,6 +17,7 @@ the batch size, the number of processes, or which other samples run.
 
 import hashlib
 import json
+import math
 import re
 import shutil
 import threading
@@ -29,12 +30,13 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from . import untrusted
 from .checkpoint import LORA_WEIGHT_NAME, check_checkpoint, inpaint_pipeline, load_components, pick_variant, resolve_checkpoint
 from .coco import mask_regions, write_coco
 from .dataset import class_relative, generated_boxes_dir, generated_paths, move_legacy_generated_boxes, record_path
 from .errors import UsageError, UserError
 from .random_boxes import boxes_path
-from .files import atomic_write_json, atomic_write_jsonl, image_size, read_image, read_jsonl, read_mask, save_image
+from .files import atomic_write_json, atomic_write_jsonl, image_size, read_image, read_jsonl_numbered, read_mask, save_image
 
 SAMPLES_DIR = ".samples"
 SETTINGS = "settings.json"
@@ -93,14 +95,40 @@ def load_box_records(mask_dir, classname, dataset):
             f"no boxes for class {classname}: {path} not found; run first: "
             f"python random_box.py --classname {classname} --dataset {dataset} --outdir {mask_dir} --num N"
         )
-    records = read_jsonl(path)
-    if not records:
+    numbered = read_jsonl_numbered(path)
+    if not numbered:
         raise UserError(f"{path}: no samples; rerun random_box.py")
-    for lineno, record in enumerate(records, 1):
+    seen = {}
+    for lineno, record in numbered:
         missing = [k for k in ("index", "defect_type", "good_image", "box_mask", "boxes", "text") if k not in record]
         if missing:
             raise UserError(f"{path}:{lineno}: lacks {', '.join(missing)}; rerun random_box.py")
-    return records
+        check_box_record(record, classname, dataset, path, lineno)
+        if record["index"] in seen:
+            raise UserError(f"{path} lines {seen[record['index']]} and {lineno} are both sample {record['index']}; rerun random_box.py")
+        seen[record["index"]] = lineno
+    return [record for _, record in numbered]
+
+
+def check_box_record(record, classname, dataset, path, lineno):
+    """Every name, number and path of a boxes.jsonl record checked before any becomes a file name."""
+    field = lambda key: untrusted.field_at(path, lineno, key)
+    untrusted.index(record["index"], field("index"))
+    untrusted.component(record["defect_type"], field("defect_type"))
+    untrusted.text(record["text"], field("text"))
+    if "class" in record and untrusted.component(record["class"], field("class")) != classname:
+        raise UserError(f"{field('class')} = {record['class']!r} is not class {classname!r}; pass the right --classname or --mask_dir")
+    if "seed" in record:
+        untrusted.seed(record["seed"], field("seed"))
+    box_mask = untrusted.relative_path(record["box_mask"], field("box_mask"))
+    untrusted.inside(path.parent / box_mask, path.parent, field("box_mask"))
+    untrusted.component(box_mask.stem, field("box_mask"))  # names the sample's output files
+    record_path(record, "good_image", dataset, where=f"{path} line {lineno}")
+    if "width" in record or "height" in record:
+        width, height = untrusted.size(record.get("width"), field("width")), untrusted.size(record.get("height"), field("height"))
+        untrusted.boxes(record["boxes"], width, height, field("boxes"))
+    else:
+        untrusted.boxes(record["boxes"], math.inf, math.inf, field("boxes"))
 
 
 def select_records(records, num=None, path="boxes.jsonl"):
@@ -131,10 +159,11 @@ def build_samples(records, mask_dir, classname, dataset, seeds, warn=print):
         good = record_path(record, "good_image", dataset)
         if not good.is_file():
             raise UserError(f"{good}: defect-free image of sample {record['index']} not found; rerun random_box.py with this --dataset")
-        box_path = folder / record["box_mask"]
+        box_path = folder / record["box_mask"]  # checked to stay in the folder by load_box_records
         if not box_path.is_file():
             raise UserError(f"{box_path}: box mask not found; rerun random_box.py --classname {classname} --outdir {mask_dir}")
         width, height = image_size(good)
+        untrusted.boxes(record["boxes"], width, height, f"{boxes_path(mask_dir, classname)}: sample {record['index']}, boxes on {good.name}")
         sample = Sample(
             index=int(record["index"]),
             name=Path(record["box_mask"]).stem,  # NNN as random_box.py numbered it
@@ -336,12 +365,32 @@ def expected_fields(sample: Sample):
     return {"defect_type": sample.defect_type, "prompt": sample.prompt, "seed": sample.seed, "boxes": sample.boxes, "good_image": str(sample.good_path)}
 
 
-def is_done(out_dir: Path, sample: Sample) -> bool:
-    """The sample's entry exists, describes this very sample, and its files are there."""
-    path = entry_path(out_dir, sample)
+def output_roots(out_dir: Path):
+    """The folders Stage 3 writes a class into: OUTPUT/CLASS/ and its box masks' OUTPUT/CLASS_boxes/."""
+    return [out_dir, generated_boxes_dir(out_dir)]
+
+
+def read_entry(out_dir: Path, path: Path):
+    """A finished sample's entry, or None when it cannot be read (then the sample is redone). Its
+    index and file paths are checked: resuming deletes the files an outdated entry names."""
     try:
         entry = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(entry, dict):
+        return None
+    untrusted.index(entry.get("index"), untrusted.field_at(path, field="index"))
+    for key in ("image", "mask", "box_mask"):
+        if entry.get(key):
+            value = untrusted.relative_path(entry[key], untrusted.field_at(path, field=key))
+            untrusted.inside(out_dir / value, output_roots(out_dir), untrusted.field_at(path, field=key))
+    return entry
+
+
+def is_done(out_dir: Path, sample: Sample) -> bool:
+    """The sample's entry exists, describes this very sample, and its files are there."""
+    entry = read_entry(out_dir, entry_path(out_dir, sample))
+    if entry is None:
         return False
     if any(entry.get(k) != v for k, v in expected_fields(sample).items()):
         return False
@@ -352,6 +401,8 @@ def write_sample(out_dir: Path, sample: Sample, image, mask, box, settings: Sett
     """Files first, the entry last (each atomic): a killed run never leaves a sample marked done
     without its files."""
     image_path, mask_path, box_path = sample.paths(out_dir)
+    for p in (image_path, mask_path, box_path):
+        untrusted.inside(p, output_roots(out_dir), f"sample {sample.index} output file")
     flags = list(sample.flags)
     area = int(mask.sum())
     if area == 0:
@@ -398,10 +449,7 @@ def remove_stale_samples(out_dir: Path, records, seeds):
     for path in sorted((out_dir / SAMPLES_DIR).glob("*.json")):
         if not re.fullmatch(r"\d+\.json", path.name):
             continue
-        try:
-            entry = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            entry = {}
+        entry = read_entry(out_dir, path) or {}
         record = current.get(entry.get("index"))
         if record is not None and (entry.get("defect_type"), entry.get("prompt"), entry.get("boxes"), entry.get("seed")) == (
             record["defect_type"], record["text"], record["boxes"], seeds + int(record["index"])
@@ -421,10 +469,9 @@ def rebuild_manifest(out_dir: Path, defect_types=None):
     entries = []
     for path in (out_dir / SAMPLES_DIR).glob("*.json"):
         if re.fullmatch(r"\d+\.json", path.name):
-            try:
-                entries.append(json.loads(path.read_text()))
-            except (OSError, json.JSONDecodeError):
-                continue  # a half-written entry cannot exist (atomic writes); an edited one is skipped
+            entry = read_entry(out_dir, path)
+            if entry is not None:  # a half-written entry cannot exist (atomic writes); an edited one is skipped
+                entries.append(entry)
     entries = [e for e in sorted(entries, key=lambda e: e["index"]) if not e.get("skipped")]
     write_coco(out_dir, entries, defect_types=defect_types)
     entries = [{k: v for k, v in e.items() if k != "regions"} for e in entries]
@@ -466,8 +513,10 @@ def prepare_output(out_dir: Path, settings: Settings, overwrite=False):
     if path.is_file():
         try:
             saved = json.loads(path.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             saved = {}  # unreadable: treated as other settings
+        if not isinstance(saved, dict):
+            saved = {}
         if saved != wanted:
             changed = [f"{k} {saved.get(k)!r} -> {wanted[k]!r}" for k in SETTING_KEYS if saved.get(k) != wanted[k]]
             raise UserError(f"{out_dir} holds samples made with other settings ({'; '.join(changed)}); pass --overwrite to start over or choose another --output")

@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from PIL import Image
 from .progress import progress_bar
 
+from . import untrusted
 from .checkpoint import LORA_WEIGHT_NAME, inpaint_pipeline, load_components, load_scheduler, pick_variant, resolve_checkpoint
 from .dataset import record_path
 from .errors import UsageError, UserError
-from .files import atomic_write_json, atomic_write_text, read_jsonl, read_rgb, save_image
+from .files import atomic_write_json, atomic_write_text, image_size, read_jsonl_numbered, read_rgb, save_image
 from .latent_cache import build_latent_cache, flip_variants, load_pil, resize_pair
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -107,9 +108,9 @@ def resolve_mixed_precision(value):
 
 def class_name(args):
     if args.classname:
-        return args.classname
+        return untrusted.flag_name(args.classname, "--classname")
     if args.train_data_dir:
-        return Path(args.train_data_dir).name
+        return untrusted.flag_name(Path(args.train_data_dir).name, "--train_data_dir's folder name")
     raise UsageError("pass --classname (or --train_data_dir DATASET/CLASS)")
 
 
@@ -123,29 +124,36 @@ def load_examples(path, flag, classname, data_root, with_good_image=False, limit
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path}: not found; run location_describer.py --classname {classname} --dataset DATASET --outdir ./script first")
-    records = read_jsonl(path)
+    records = read_jsonl_numbered(path)
     if not records:
         raise UserError(f"{flag} {path}: no records; rerun location_describer.py (does the class have anomalies with non-empty masks?)")
     examples = []
     keys = ("image", "bbox_mask", "text", "dataset_root", "bbox_root") + (("good_image",) if with_good_image else ())
-    for i, record in enumerate(records[:limit] if limit else records, 1):
+    for i, (lineno, record) in enumerate(records[:limit] if limit else records, 1):
         missing = [k for k in keys if not record.get(k)]
         if missing:
             raise UserError(f"{path}: record {i} lacks {', '.join(missing)}; regenerate it with location_describer.py")
+        where = f"{path} line {lineno}"
+        untrusted.text(record["text"], untrusted.field_at(where, field="text"))
+        for key in ("class", "defect_type"):
+            if key in record:
+                untrusted.component(record[key], untrusted.field_at(where, field=key))
         if record.get("class", classname) != classname:
             raise UserError(f"{path}: record {i} is of class {record['class']!r}, not {classname!r}; check --classname / --train_data_dir")
-        image = record_path(record, "image", data_root)
+        image = record_path(record, "image", data_root, where)
         if not image.is_file():
             raise UserError(f"{image}: anomaly image of record {i} in {path} not found (moved dataset? pass --train_data_dir DATASET/{classname})")
         # Box masks sit beside the records (Stage 1's --outdir), which may have moved with them.
         stage1_dir = path.parent.parent
-        bbox = record_path(record, "bbox_mask", stage1_dir)
+        bbox = record_path(record, "bbox_mask", stage1_dir, where)
         if not bbox.is_file():
             root = data_root or Path(record["dataset_root"])
             raise UserError(f"{bbox}: box mask of record {i} in {path} not found; run: python boundbox.py --classname {classname} --dataset {root} --outdir {stage1_dir}")
+        if image_size(image) != image_size(bbox):
+            raise UserError(f"{where}: image {image} is {image_size(image)} but its box mask {bbox} is {image_size(bbox)} (width, height); rerun boundbox.py")
         good = None
         if with_good_image:
-            good = record_path(record, "good_image", data_root)
+            good = record_path(record, "good_image", data_root, where)
             if not good.is_file():
                 raise UserError(f"{good}: defect-free image of record {i} in {path} not found")
         examples.append(Example(image, bbox, record["text"], good))

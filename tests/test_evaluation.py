@@ -368,18 +368,18 @@ def test_draem_synthesize_layout_and_resume(demo_dataset_master, tmp_path):
     (folder / records[2]["paths"]["image"]).unlink()
     synthesize(goods, folder, 4, seed=1, progress=False)  # resume: the same sample again
     assert files() == digest
-    _, samples, _ = load_generated(tmp_path, "grid")
+    _, samples, _ = load_generated(tmp_path, "grid", dataset=demo_dataset_master)
     assert [s.good_image for s in samples["draem"]] == [Path(r["paths"]["good_image"]) for r in records]
 
 
 # --- generated-folder reader ---------------------------------------------------------------------
 
 
-def test_reader_is_tolerant_and_strict(standin, tmp_path):
+def test_reader_is_tolerant_and_strict(standin, demo_dataset_master, tmp_path):
     gen = tmp_path / "gen"
     shutil.copytree(standin / "bottle", gen / "bottle")
     shutil.copytree(standin / "bottle_boxes", gen / "bottle_boxes")
-    folder, samples, _ = load_generated(gen, "bottle")
+    folder, samples, _ = load_generated(gen, "bottle", dataset=demo_dataset_master)
     assert sorted(samples) == ["broken_large", "contamination"] and all(len(v) == 4 for v in samples.values())
     s = samples["broken_large"][0]
     assert s.box_mask is not None and s.good_image is not None and s.prompt

@@ -21,7 +21,8 @@ import numpy as np
 from ..boxes import box_mask
 from ..dataset import BBOX_DIR, GOOD, ClassData, generated_boxes_dir, image_files, load_class, masks_by_stem, pair_masks, split_anomalies
 from ..errors import UserError
-from ..files import image_size, read_jsonl, read_mask
+from .. import untrusted
+from ..files import image_size, read_jsonl_numbered, read_mask
 
 MANIFEST = "manifest.jsonl"
 
@@ -143,7 +144,7 @@ def generated_class_dir(generated, classname) -> Path:
         return root
     if (root / "test").is_dir():  # the class folder itself: its manifest must not name another class
         manifest = root / MANIFEST
-        named = {r.get("class") for r in read_jsonl(manifest)} - {None} if manifest.is_file() else set()
+        named = {r.get("class") for _, r in read_manifest(manifest)} - {None} if manifest.is_file() else set()
         named = named or {root.name}  # no class in a manifest: the folder's name says it
         if named != {classname}:
             raise UserError(f"--generated {root} holds {', '.join(sorted(named))} samples, not {classname}; pass the folder above it or the {classname} folder")
@@ -155,25 +156,44 @@ def generated_class_dir(generated, classname) -> Path:
     )
 
 
+def read_manifest(path):
+    """(line number, record) of a manifest.jsonl, its names checked: generated folders are shared and
+    downloaded, and their names become gallery and report paths."""
+    records = read_jsonl_numbered(path)
+    for lineno, record in records:
+        for key in ("class", "defect_type"):
+            if record.get(key) is not None:
+                untrusted.component(record[key], untrusted.field_at(path, lineno, key))
+        paths = untrusted.json_object(record.get("paths") or record, untrusted.field_at(path, lineno, "paths"))
+        for key in ("image", "good_image"):
+            if paths.get(key):
+                untrusted.relative_path(paths[key], untrusted.field_at(path, lineno, key))
+    return records
+
+
 def _manifest_index(folder: Path):
-    """{(defect_type, image file name): record} from manifest.jsonl, or {} without one."""
+    """{(defect_type, image file name): (line number, record)} from manifest.jsonl, or {} without one."""
     path = folder / MANIFEST
     if not path.is_file():
         return {}
     index = {}
-    for record in read_jsonl(path):
+    for lineno, record in read_manifest(path):
         paths = record.get("paths") or record
         image = paths.get("image")
         if image:
-            index[(record.get("defect_type") or Path(image).parent.name, Path(image).name)] = record
+            index[(record.get("defect_type") or Path(image).parent.name, Path(image).name)] = (lineno, record)
     return index
 
 
-def _resolve(folder, value):
+def _good_image(folder, value, dataset, where):
+    """The defect-free image a manifest names, which must lie in the dataset or the generated folder.
+    Without a dataset to check against (library use), one outside the folder is not read."""
     if not value:
         return None
-    path = Path(value)
-    return path if path.is_absolute() else folder / path
+    path = Path(value) if Path(value).is_absolute() else folder / value
+    if dataset is None and not untrusted.is_inside(path, folder):
+        return None
+    return untrusted.inside(path, [folder, dataset], where)
 
 
 def _anomalydiffusion_defects(folder: Path):
@@ -194,8 +214,20 @@ def _load_anomalydiffusion(folder: Path):
     return folder, samples, [f"{folder}: AnomalyDiffusion layout (DEFECT/image, DEFECT/mask), which has no box masks"]
 
 
-def load_generated(generated, classname, mask_suffix="_mask"):
-    """{defect: [Sample]} of a generated folder, and notes. Pairing and sizes are checked up front."""
+def _manifest_boxes(record, image, where):
+    """The manifest's boxes of a sample (a list of boxes, or one box), checked against its image."""
+    found = record.get("boxes") or record.get("box")
+    if not found:
+        return None
+    width, height = image_size(image)
+    if isinstance(found, list) and not isinstance(found[0], list):
+        found = [found]  # one box
+    return untrusted.boxes(found, width, height, where)
+
+
+def load_generated(generated, classname, mask_suffix="_mask", dataset=None):
+    """{defect: [Sample]} of a generated folder, and notes. Pairing and sizes are checked up front;
+    a manifest's defect-free images must lie in `dataset` or the generated folder."""
     folder = generated_class_dir(generated, classname)
     if (folder / BBOX_DIR).is_dir():
         raise UserError(f"{folder / BBOX_DIR}: box masks in the earlier layout (MVTec readers take them for samples); "
@@ -220,9 +252,9 @@ def load_generated(generated, classname, mask_suffix="_mask"):
             box = boxes.get(im.stem)
             if box is not None and image_size(box) != image_size(im):
                 raise UserError(f"{im} is {image_size(im)} but its box mask {box} is {image_size(box)} (width, height); they must match")
-            record = manifest.get((ddir.name, im.name), {})
+            lineno, record = manifest.get((ddir.name, im.name), (None, {}))
             paths = record.get("paths") or record
-            good = _resolve(folder, paths.get("good_image"))
+            good = _good_image(folder, paths.get("good_image"), dataset, untrusted.field_at(folder / MANIFEST, lineno, "good_image"))
             found.append(
                 Sample(
                     im,
@@ -230,7 +262,7 @@ def load_generated(generated, classname, mask_suffix="_mask"):
                     ddir.name,
                     box_mask=box,
                     good_image=good if good is not None and good.is_file() else None,
-                    boxes=record.get("boxes") or record.get("box"),
+                    boxes=_manifest_boxes(record, im, untrusted.field_at(folder / MANIFEST, lineno, "boxes")),
                     prompt=record.get("prompt") or record.get("text"),
                 )
             )

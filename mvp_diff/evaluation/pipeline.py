@@ -374,7 +374,7 @@ def load_generators(cfg, split, notes):
     for gen_name, path in cfg.generated.items():
         if Path(path).resolve() == Path(cfg.dataset).resolve():
             raise UserError(f"--generated {path} is the real dataset; pass the generated images' folder")
-        folder, samples, gen_notes = load_generated(path, name, cfg.mask_suffix)
+        folder, samples, gen_notes = load_generated(path, name, cfg.mask_suffix, cfg.dataset)
         check_no_leak(split, folder, samples)
         notes += gen_notes
         absent = [d for d in split.class_data.defect_types if d not in samples]
