@@ -9,10 +9,12 @@ The dataset's train/, test/ and ground_truth/ folders are only read.
 
 import argparse
 import sys
+from pathlib import Path
 
 from mvp_diff.cli_args import add_box_args, add_dataset_args
 from mvp_diff.errors import cli
 from mvp_diff.records import BoxParams, load_class_boxes, write_box_masks
+from mvp_diff.run_lock import outside_lock_dir, run_lock
 
 
 def parse_args(argv=None):
@@ -25,6 +27,12 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    folder = Path(args.dataset) / args.classname / "bbox"
+    with run_lock(folder, lock_dir=outside_lock_dir(folder)):  # nothing of ours goes into the dataset
+        run(args)
+
+
+def run(args):
     class_data, boxes = load_class_boxes(args)
     for key, found in boxes.items():
         if not found:

@@ -26,6 +26,7 @@ from mvp_diff.errors import UsageError, cli
 from mvp_diff.evaluation.pipeline import PARTS, SETTINGS, EvalConfig, evaluate
 from mvp_diff.evaluation.report import write_report
 from mvp_diff.evaluation.segmentation import TrainConfig
+from mvp_diff.run_lock import run_lock
 
 
 def csv_list(choices, flag):
@@ -101,6 +102,11 @@ def check_args(args):
 def main(argv=None):
     args = parse_args(argv)
     device = check_args(args)
+    with run_lock(args.out):
+        run(args, device, argv)
+
+
+def run(args, device, argv=None):
     train = TrainConfig(
         image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, base_channels=args.base_channels,
         lr=args.learning_rate, val_every=args.val_every, num_workers=args.num_workers,
