@@ -82,8 +82,8 @@ def run_lock(folder, command=None, main_process=None, lock_dir=None):
         yield
         return
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     lock_dir = Path(lock_dir) if lock_dir else folder
+    created = not lock_dir.exists()
     lock_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_dir / LOCK_NAME, blocking=False)
     try:
@@ -108,6 +108,11 @@ def run_lock(folder, command=None, main_process=None, lock_dir=None):
     finally:
         try:
             (lock_dir / HOLDER_NAME).unlink(missing_ok=True)
+            if created and lock_dir == folder and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+                # A run that wrote nothing (bad input) leaves no empty output folder behind; removed
+                # while still held, so no other run can hold the removed lock file.
+                (folder / LOCK_NAME).unlink()
+                folder.rmdir()
         finally:
             lock.release()
 
