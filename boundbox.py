@@ -9,10 +9,12 @@ OUTDIR/CLASS/bbox/boxes.json (--outdir, default ./script: beside the Stage 1 rec
 
 import argparse
 import sys
+from pathlib import Path
 
 from mvp_diff.cli_args import add_box_args, add_dataset_args, add_stage1_outdir_arg
 from mvp_diff.errors import cli
 from mvp_diff.records import BoxParams, bbox_dir, load_class_boxes, write_box_masks
+from mvp_diff.run_lock import run_lock
 
 
 def parse_args(argv=None):
@@ -26,6 +28,11 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    with run_lock(Path(args.outdir) / args.classname):  # the Stage 1 folder, shared with location_describer.py
+        run(args)
+
+
+def run(args):
     class_data, boxes = load_class_boxes(args)
     for key, found in boxes.items():
         if not found:

@@ -38,6 +38,7 @@ from mvp_diff.evaluation.pipeline import PARTS, SETTINGS, EvalConfig, evaluate, 
 from mvp_diff.evaluation.protocols import PROTOCOLS
 from mvp_diff.evaluation.report import write_report
 from mvp_diff.extras import require_extra
+from mvp_diff.run_lock import run_lock
 
 
 def csv_list(choices, flag):
@@ -140,6 +141,11 @@ def check_args(args):
 def main(argv=None):
     args = parse_args(argv)
     device = check_args(args)
+    with run_lock(args.out):
+        run(args, device, argv)
+
+
+def run(args, device, argv=None):
     if "quality" in args.parts:
         require_extra("eval", "--parts quality (IS, IC-LPIPS)", "pass --parts segmentation,gallery")
     protocol, overrides = PROTOCOLS[args.protocol].with_budget(epochs=args.epochs, image_size=args.image_size, base_channels=args.base_channels)

@@ -20,6 +20,7 @@ from pathlib import Path
 from mvp_diff.cli_args import add_dataset_args
 from mvp_diff.errors import UsageError, cli
 from mvp_diff.extras import require_extra
+from mvp_diff.run_lock import run_lock
 from mvp_diff.synthesis import WRITE_WORKERS, Settings, synthesize
 
 
@@ -82,6 +83,11 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    with run_lock(Path(args.output) / args.classname):  # under accelerate launch: rank 0 only
+        run(args)
+
+
+def run(args):
     lora = None if args.no_lora else (args.lora_dir or str(Path("./output") / args.classname))
     settings = Settings(
         checkpoint=args.checkpoint_dir,

@@ -9,11 +9,13 @@ to its `bbox_root` (OUTDIR, absolute). The dataset is only read.
 """
 
 import argparse
+from pathlib import Path
 
 from mvp_diff.cli_args import add_box_args, add_dataset_args, add_stage1_outdir_arg
 from mvp_diff.errors import cli
 from mvp_diff.files import atomic_write_jsonl
 from mvp_diff.records import build_records, load_class_boxes, records_paths
+from mvp_diff.run_lock import run_lock
 
 
 def parse_args(argv=None):
@@ -28,6 +30,11 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    with run_lock(Path(args.outdir) / args.classname):
+        run(args)
+
+
+def run(args):
     class_data, boxes = load_class_boxes(args, use_saved=True)
     train, test = build_records(class_data, boxes, args.train_fraction, args.outdir)
     train_path, test_path = records_paths(args.outdir, args.classname)

@@ -23,6 +23,7 @@ from mvp_diff.dataset import load_class
 from mvp_diff.errors import UsageError, cli
 from mvp_diff.files import atomic_write_jsonl, image_size, save_image
 from mvp_diff.random_boxes import boxes_path, check_defect_types, full_size, random_box_records, split_num
+from mvp_diff.run_lock import run_lock
 
 
 def parse_args(argv=None):
@@ -52,6 +53,11 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    with run_lock(boxes_path(args.outdir, args.classname).parent):
+        run(args)
+
+
+def run(args):
     class_data = load_class(args.dataset, args.classname, args.mask_suffix)
     defect_types = check_defect_types(args.defect_types, class_data.defect_types)
     counts = split_num(args.num, defect_types, args.num_per_type)

@@ -16,8 +16,10 @@ Flags are named as in diffusers' examples/text_to_image/train_text_to_image_lora
 
 import argparse
 import logging
+from pathlib import Path
 
 from mvp_diff.errors import cli
+from mvp_diff.run_lock import run_lock
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -80,9 +82,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO)
-    from mvp_diff.training import train
+    from mvp_diff.training import class_name, train
 
-    train(args)
+    with run_lock(Path(args.output_dir) / class_name(args)):  # under accelerate launch: rank 0 only
+        train(args)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Pairs: for each pair a train/good image gets boxes drawn as Stage 3 draws them (
 sizes from the real boxes of the defect type, jittered, placed on the object); into each box a
 defect region of a generator-train anomaly (validation anomalies excluded) is pasted, scaled to
 --fill of the box (so the defect is smaller than its box, as an inpainted defect is), then the image
-goes through the VAE-like degradation of `benchmarks/mask_precision.py` inside the boxes, with the
+goes through the VAE-like round trip (`generated_image`) of `benchmarks/mask_precision.py` inside the boxes, with the
 defect-free image outside them, as inpainting.py leaves it. The same degraded images are labelled:
 
     true      the pasted pixels that changed (the ceiling)
@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mask_precision import degrade
+from mask_precision import generated_image
 
 from mvp_diff.boxes import box_mask, mask_regions
 from mvp_diff.dataset import list_classes, load_class
@@ -129,7 +129,7 @@ def make_pairs(split, num, seed, folder, fill, jitter):
             if true.any():
                 break
         box = box_mask(boxes, *good.shape[:2])
-        degraded = degrade(rng, painted.astype(np.float32), box > 0)
+        degraded = generated_image(rng, painted.astype(np.float32), good, box > 0)
         masks = {
             "true": true,
             "precise": extract_mask(degraded, good, box, method="default"),

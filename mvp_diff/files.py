@@ -1,6 +1,7 @@
 """File helpers: atomic writes (temp file + rename) and image reading with clear errors."""
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -11,32 +12,49 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import UserError
+from .kill_points import kill_point
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # The largest image read: 16384 x 16384 pixels (0.8 GB as RGB). A file whose header claims more is a
 # decompression bomb or a mistake; it is refused before any pixel is decoded.
 MAX_IMAGE_PIXELS = 16384 * 16384
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+TEMP_SUFFIX = ".tmp"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
 def atomic_write_bytes(path, data: bytes):
-    """Write `data` to `path` so that readers only ever see the old or the complete new file."""
+    """Write `data` to `path` so that readers only ever see the old or the complete new file. A failed
+    write (disk full, no permission) removes its temp file and is a UserError naming the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual mode
+        kill_point(f"write:{path.name}")
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            if err.errno == errno.ENOSPC:
+                raise UserError(f"{path}: no space left on device; nothing partial was left; free some space and rerun (finished work is kept)")
+            raise UserError(f"{path}: cannot write ({err.strerror or err}); nothing partial was left")
         raise
+
+
+def remove_temp_files(folder):
+    """Temp files that killed runs' atomic writes left under `folder`; call only while no other run
+    writes there."""
+    for tmp in Path(folder).glob(f"**/.*{TEMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path, text: str):

@@ -37,6 +37,7 @@ from .dataset import class_relative, generated_boxes_dir, generated_paths, move_
 from .errors import UsageError, UserError
 from .random_boxes import boxes_path
 from .files import atomic_write_json, atomic_write_jsonl, image_size, read_image, read_jsonl_numbered, read_mask, save_image
+from .kill_points import kill_point
 
 SAMPLES_DIR = ".samples"
 SETTINGS = "settings.json"
@@ -413,6 +414,7 @@ def write_sample(out_dir: Path, sample: Sample, image, mask, box, settings: Sett
             p.unlink(missing_ok=True)
     else:
         save_image(image_path, image)
+        kill_point("sample")
         save_image(mask_path, mask.astype(np.uint8) * 255)
         save_image(box_path, box.astype(np.uint8) * 255)
     entry = {

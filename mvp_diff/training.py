@@ -37,6 +37,7 @@ from .checkpoint import LORA_WEIGHT_NAME, inpaint_pipeline, load_components, loa
 from .dataset import record_path
 from .errors import UsageError, UserError
 from .files import atomic_write_json, atomic_write_text, image_size, read_jsonl_numbered, read_rgb, save_image
+from .kill_points import kill_point
 from .latent_cache import build_latent_cache, flip_variants, load_pil, resize_pair
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -370,8 +371,8 @@ def list_checkpoints(out_dir):
 
 
 def remove_stale_temps(out_dir):
-    """Leftovers of a run killed while saving a checkpoint."""
-    for p in Path(out_dir).glob(".checkpoint-*"):
+    """Leftovers of a run killed while saving a checkpoint or the LoRA weights."""
+    for p in [*Path(out_dir).glob(".checkpoint-*"), *Path(out_dir).glob(".lora-*")]:
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -385,7 +386,13 @@ def save_checkpoint(accelerator, out_dir, step, total_limit=None):
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except OSError as err:  # e.g. disk full: no half-written checkpoint stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{final}: cannot write the checkpoint ({err.strerror or err}); nothing partial was left; "
+                        f"free some space and rerun with --resume_from_checkpoint latest")
+    kill_point("checkpoint")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():

@@ -327,42 +327,85 @@ def test_processes_split_the_work(workdir):
 # --- inpainting: resume, settings, overwrite ---------------------------------------------------------
 
 
-def test_killed_run_resumes_without_duplicates(workdir):
-    in_process(random_box, "--classname", "bottle", "--num", 8, cwd=workdir)
-    out = workdir / "out" / "bottle"
-    # On the CPU: a GPU would finish all 8 samples before the kill lands.
-    args = [str(REPO / "inpainting.py"), "--classname", "bottle", "--output", "out", "--batch_size", 1, "--resolution", "64", "--device", "cpu",
-            "--num_inference_steps", 50]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    done = []
-    while time.time() < deadline and proc.poll() is None:
-        done = sorted((out / ".samples").glob("[0-9]*.json")) if (out / ".samples").is_dir() else []
-        if len(done) >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert 2 <= len(done) < 8, "the run was not interrupted half way"
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("test/*/*.png")}
+def outputs(folder):
+    """Every image, mask and the manifest of a Stage 3 class folder, as bytes."""
+    boxes = folder.parent / f"{folder.name}_boxes"
+    found = {p.relative_to(folder.parent).as_posix(): p.read_bytes() for p in sorted([*folder.glob("*/*/*.png"), *boxes.glob("*/*.png")])}
+    return {**found, "manifest.jsonl": (folder / "manifest.jsonl").read_bytes(), "coco.json": (folder / "coco.json").read_bytes()}
 
-    in_process(inpainting, *args[1:], cwd=workdir)
-    entries = manifest(out)
-    assert [e["index"] for e in entries] == list(range(8))
-    assert len(list(out.glob("test/*/*.png"))) == 8 and not list(out.glob("**/.*.tmp"))
-    for e in entries:
-        assert (out / e["image"]).is_file() and (out / e["mask"]).is_file() and (out / e["box_mask"]).is_file()
-        assert e["mask_method"] == "box" and png(out / e["mask"]).tobytes() == png(out / e["box_mask"]).tobytes()
-    for name, mtime in before.items():  # finished samples were not generated again
-        if (out / ".samples" / name.replace(".png", ".json")).is_file():
-            assert next(out.glob(f"test/*/{name}")).stat().st_mtime_ns == mtime
+
+def test_killed_run_resumes_to_the_uninterrupted_result(workdir, capsys):
+    """Killed mid-sample (image written, mask not), between a sample's entry write and its rename, and
+    mid-manifest write: each rerun finishes with images, masks and manifest byte-identical to an
+    uninterrupted run, without redoing finished samples."""
+    in_process(random_box, "--classname", "bottle", "--num", 4, cwd=workdir)
+    # Samples finished one after another, so "the Nth sample" is the same sample in every run.
+    args = ["--classname", "bottle", "--batch_size", 1, "--extract_mask", "--write_workers", 0, *FAST]
+    in_process(inpainting, *args, "--output", "reference", cwd=workdir)
+    reference = outputs(workdir / "reference" / "bottle")
+    assert len(reference) == 3 * 4 + 2
+
+    out = workdir / "out" / "bottle"
+    for point in ("sample:3", "write:003.json:1", "write:manifest.jsonl:1"):
+        if out.exists():
+            shutil.rmtree(out)
+        killed = run_script("inpainting.py", *args, "--output", "out", cwd=workdir, env={"MVP_DIFF_KILL_AT": point})
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        assert list(out.rglob(".*.tmp")) or point.startswith("sample"), point
+        finished = {p.name: p.stat().st_mtime_ns for p in (out / ".samples").glob("[0-9]*.json")}
+        capsys.readouterr()
+        in_process(inpainting, *args, "--output", "out", cwd=workdir)
+        assert "taking over" in capsys.readouterr().err
+        assert outputs(out) == reference, point
+        assert not list(out.rglob("*.tmp")) and not (out / ".mvp_diff.lock.json").exists()
+        for name, mtime in finished.items():  # finished samples were not generated again
+            assert (out / ".samples" / name).stat().st_mtime_ns == mtime
+        if point == "sample:3":
+            assert len(finished) == 2
+
     # other settings do not mix into the folder; --overwrite starts over
     with pytest.raises(SystemExit) as err:
-        in_process(inpainting, *args[1:-1], 10, cwd=workdir)
+        in_process(inpainting, *args[:-1], 3, "--output", "out", cwd=workdir)
     assert err.value.code == 1
-    in_process(inpainting, *args[1:-1], 10, "--overwrite", cwd=workdir)
-    assert len(manifest(out)) == 8 and json.loads((out / ".samples" / "settings.json").read_text())["num_inference_steps"] == 10
+    in_process(inpainting, *args[:-1], 3, "--output", "out", "--overwrite", cwd=workdir)
+    assert len(manifest(out)) == 4 and json.loads((out / ".samples" / "settings.json").read_text())["num_inference_steps"] == 3
+
+
+def test_second_run_refuses_while_the_first_runs(workdir, capsys):
+    """The race of two identical runs on one folder: the first, paused mid-sample, holds the folder; the
+    second stops with one line; the first then finishes a folder equal to a lone run's."""
+    in_process(random_box, "--classname", "bottle", "--num", 3, cwd=workdir)
+    args = ["--classname", "bottle", "--batch_size", 1, *FAST]
+    in_process(inpainting, *args, "--output", "reference", cwd=workdir)
+    cmd = [sys.executable, str(REPO / "inpainting.py"), *map(str, args), "--output", "out"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), MVP_DIFF_STOP_AT="sample:2")
+    first = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until_stopped(first)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as err:
+            in_process(inpainting, *args, "--output", "out", cwd=workdir)
+        assert err.value.code == 1
+        message = capsys.readouterr().err
+        assert f"out/bottle is in use by another run (pid {first.pid} on" in message and len(message.strip().splitlines()) == 1, message
+    finally:
+        first.send_signal(signal.SIGCONT)
+        _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-2000:]
+    assert outputs(workdir / "out" / "bottle") == outputs(workdir / "reference" / "bottle")
+
+
+def wait_until_stopped(proc, timeout=300):
+    """Block until `proc` has stopped itself (SIGSTOP at a kill point): state T in /proc."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended ({proc.returncode}) before its stop point: {proc.stderr.read()[-2000:]}")
+        with open(f"/proc/{proc.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.05)
+    raise AssertionError("the run never reached its stop point")
 
 
 def test_writing_while_generating_gives_the_same_outputs(workdir):
@@ -475,7 +518,7 @@ def test_rerun_after_new_boxes_or_new_lora_never_mixes_sets(workdir):
     in_process(inpainting, *paint, cwd=workdir)
     entries = manifest(out)
     assert [e["index"] for e in entries] == [0, 1] and all(e["seed"] == i for i, e in enumerate(entries))
-    on_disk = sorted(str(p.relative_to(out)) for p in out.glob("*/*/*.png"))
+    on_disk = sorted(os.path.relpath(p, out) for p in [*out.glob("*/*/*.png"), *out.parent.glob("bottle_boxes/*/*.png")])
     listed = sorted(e[k] for e in entries for k in ("image", "mask", "box_mask"))
     assert on_disk == listed
     # A retrained LoRA in the same folder is other settings, not "already done".
