@@ -7,18 +7,17 @@ OUTDIR/CLASS/bbox/boxes.json (--outdir, default ./script: beside the Stage 1 rec
 8-connected region; see --min_area, --merge_gap, --margin. The dataset is only read.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
-from mvp_diff.cli_args import add_box_args, add_dataset_args, add_stage1_outdir_arg
+from mvp_diff.cli_args import ArgumentParser, add_box_args, add_dataset_args, add_stage1_outdir_arg
 from mvp_diff.errors import cli
 from mvp_diff.records import BoxParams, bbox_dir, load_class_boxes, write_box_masks
 from mvp_diff.run_lock import run_lock
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dataset_args(parser)
     add_stage1_outdir_arg(parser)
     add_box_args(parser)

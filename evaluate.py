@@ -31,7 +31,7 @@ import sys
 
 import torch
 
-from mvp_diff.cli_args import add_dataset_args
+from mvp_diff.cli_args import ArgumentParser, add_dataset_args, non_negative_int, positive_float, positive_int
 from mvp_diff.errors import UsageError, cli
 from mvp_diff.evaluation.data import dataset_classes
 from mvp_diff.evaluation.pipeline import PARTS, SETTINGS, EvalConfig, evaluate, train_config
@@ -53,7 +53,7 @@ def csv_list(choices, flag):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     add_dataset_args(parser)
     parser.add_argument("--protocol", choices=list(PROTOCOLS), default="mvpdiff", help="mvpdiff (ours, default), anomalydiffusion or seas")
     parser.add_argument("--generated", action="append", default=None, metavar="[NAME=]PATH",
@@ -61,33 +61,33 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="./output/evaluation", help="report folder (default: ./output/evaluation)")
     parser.add_argument("--parts", type=csv_list(PARTS, "--parts"), default=list(PARTS), help=f"comma list of {','.join(PARTS)} (default: all)")
     parser.add_argument("--settings", type=csv_list(tuple(SETTINGS), "--settings"), default=None, help="downstream settings to run, comma list (default: the protocol's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--train_fraction", type=float, default=1 / 3, help="share of each defect type that may train the generator (default: 1/3)")
     parser.add_argument("--val_fraction", type=float, default=0.25, help="share of the training side held out for model selection (default: 0.25)")
     seg = parser.add_argument_group("downstream segmentation")
-    seg.add_argument("--image_size", type=int, default=None, help="model input and metric resolution, a multiple of 32 (default: the protocol's, 256)")
-    seg.add_argument("--epochs", type=int, default=None, help="epochs (default: the protocol's; mvpdiff 100, one epoch shows every train/good image once)")
-    seg.add_argument("--batch_size", type=int, default=8, help="half defect-free, half anomaly pairs (default: 8)")
-    seg.add_argument("--base_channels", type=int, default=None, help="U-Net width (default: the protocol's; DRAEM: 64)")
-    seg.add_argument("--learning_rate", type=float, default=1e-4)
-    seg.add_argument("--val_every", type=int, default=1, help="validate every N epochs (default: 1)")
-    seg.add_argument("--num_workers", type=int, default=0, help="data loader workers and image loading threads (default: 0)")
+    seg.add_argument("--image_size", type=positive_int, default=None, help="model input and metric resolution, a multiple of 32 (default: the protocol's, 256)")
+    seg.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: the protocol's; mvpdiff 100, one epoch shows every train/good image once)")
+    seg.add_argument("--batch_size", type=positive_int, default=8, help="half defect-free, half anomaly pairs (default: 8)")
+    seg.add_argument("--base_channels", type=positive_int, default=None, help="U-Net width (default: the protocol's; DRAEM: 64)")
+    seg.add_argument("--learning_rate", type=positive_float, default=1e-4)
+    seg.add_argument("--val_every", type=positive_int, default=1, help="validate every N epochs (default: 1)")
+    seg.add_argument("--num_workers", type=non_negative_int, default=0, help="data loader workers and image loading threads (default: 0)")
     seg.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="bf16", help="training autocast on CUDA (default: bf16; ignored on CPU)")
     seg.add_argument("--predict_mixed_precision", choices=["no", "fp16", "bf16"], default="no",
                      help="autocast of test-time inference on CUDA (default: no, float32 scores; half precision collapses distinct scores)")
-    seg.add_argument("--draem_num", type=int, default=None, help="DRAEM-style samples for (d) (default: as many as the usable generated pairs, else 200)")
+    seg.add_argument("--draem_num", type=positive_int, default=None, help="DRAEM-style samples for (d) (default: as many as the usable generated pairs, else 200)")
     seg.add_argument("--anomaly_source_path", default=None, help="texture folder for (d), e.g. DTD (default: the class's train/good images)")
     qual = parser.add_argument_group("generation quality")
-    qual.add_argument("--isc_splits", type=int, default=10, help="Inception Score splits (default: 10; fewer under 10 images per split)")
+    qual.add_argument("--isc_splits", type=positive_int, default=10, help="Inception Score splits (default: 10; fewer under 10 images per split)")
     qual.add_argument("--local_files_only", action="store_true", help="never download pretrained weights (as HF_HUB_OFFLINE=1 does)")
     qual.add_argument("--inception_weights", default=None, help="torch-fidelity Inception weights file (default: the torch hub cache)")
-    qual.add_argument("--lpips_size", type=int, default=256, help="images are resized to this for LPIPS (default: 256)")
+    qual.add_argument("--lpips_size", type=positive_int, default=256, help="images are resized to this for LPIPS (default: 256)")
     qual.add_argument("--lpips_net", choices=["auto", "alex", "vgg"], default="auto", help="auto: each IC-LPIPS variant's own (Ojha et al. vgg, DFMGAN alex, SeaS vgg)")
-    qual.add_argument("--ic_cluster_size", type=int, default=50, help="IC-LPIPS (Ojha et al.): random members per cluster (default: 50)")
-    qual.add_argument("--ic_cluster_cap", type=int, default=200, help="IC-LPIPS (DFMGAN): members kept per cluster (default: 200)")
-    qual.add_argument("--classify_epochs", type=int, default=30, help="defect-type classifier epochs (AnomalyDiffusion: 30)")
-    qual.add_argument("--gallery_n", type=int, default=12, help="samples per class in gallery.html (default: 12)")
+    qual.add_argument("--ic_cluster_size", type=positive_int, default=50, help="IC-LPIPS (Ojha et al.): random members per cluster (default: 50)")
+    qual.add_argument("--ic_cluster_cap", type=positive_int, default=200, help="IC-LPIPS (DFMGAN): members kept per cluster (default: 200)")
+    qual.add_argument("--classify_epochs", type=positive_int, default=30, help="defect-type classifier epochs (AnomalyDiffusion: 30)")
+    qual.add_argument("--gallery_n", type=non_negative_int, default=12, help="samples per class in gallery.html (default: 12)")
     # Test suite only: untrained networks for IS/IC-LPIPS (the report is marked); never for real numbers.
     parser.add_argument("--random_weights_for_testing", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -112,10 +112,6 @@ def classnames(args):
 
 
 def check_args(args):
-    positive = ("image_size", "epochs", "batch_size", "base_channels", "val_every", "isc_splits", "lpips_size", "ic_cluster_size", "ic_cluster_cap", "classify_epochs")
-    for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.lpips_size < 64:
         raise UsageError(f"--lpips_size must be >= 64 (the LPIPS networks pool it down), got {args.lpips_size}")
     if not [c for c in args.classname.split(",") if c.strip()]:
@@ -126,8 +122,6 @@ def check_args(args):
         raise UsageError(f"--batch_size must be even and >= 2 (half good, half anomalies), got {args.batch_size}")
     if not 0 <= args.val_fraction < 1:
         raise UsageError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
-    if args.num_workers < 0 or args.gallery_n < 0 or (args.draem_num is not None and args.draem_num < 1):
-        raise UsageError("--num_workers and --gallery_n must be >= 0 and --draem_num >= 1")
     allowed = PROTOCOLS[args.protocol].settings
     if args.settings and set(args.settings) - set(allowed):
         raise UsageError(f"--settings: protocol {args.protocol} runs {','.join(allowed)}, not {','.join(sorted(set(args.settings) - set(allowed)))}")

@@ -17,7 +17,7 @@ Several processes share the work under `accelerate launch inpainting.py ...`.
 import argparse
 from pathlib import Path
 
-from mvp_diff.cli_args import add_dataset_args
+from mvp_diff.cli_args import ArgumentParser, add_dataset_args, non_negative_int, positive_float, positive_int
 from mvp_diff.errors import UsageError, cli
 from mvp_diff.extras import require_extra
 from mvp_diff.run_lock import run_lock
@@ -37,38 +37,33 @@ def str2bool(value):
 def parse_args(argv=None):
     from mvp_diff.masks import MASK_METHODS
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dataset_args(parser)
     parser.add_argument("--mask_dir", default="./output/dataset/mask", help="random_box.py's --outdir (default: ./output/dataset/mask)")
     parser.add_argument("--output", default="./output/dataset/image", help="where CLASS/ of the synthetic dataset goes (default: ./output/dataset/image)")
     parser.add_argument("--num", type=int, default=None, help="how many samples of MASK_DIR/CLASS/boxes.jsonl, taking defect types in turn (default: all)")
-    parser.add_argument("--checkpoint_dir", default="checkpoints/inpainting", 
+    parser.add_argument("--checkpoint_dir", default="checkpoints/inpainting",
                         help="SD-1.5 inpainting checkpoint: a diffusers folder or a Hub id, e.g. stable-diffusion-v1-5/stable-diffusion-inpainting (default: checkpoints/inpainting)")
     parser.add_argument("--local_files_only", action="store_true", help="never fetch a Hub id; use the Hugging Face cache only (as HF_HUB_OFFLINE=1 does)")
     parser.add_argument("--lora_dir", default=None, help="folder holding Stage 2's pytorch_lora_weights.safetensors (default: ./output/CLASS)")
     parser.add_argument("--no_lora", action="store_true", help="use the base checkpoint without Stage 2's LoRA")
     parser.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA (default: 1.0)")
-    parser.add_argument("--num_inference_steps", type=int, default=20, help="denoising steps (default: 20)")
+    parser.add_argument("--num_inference_steps", type=positive_int, default=20, help="denoising steps (default: 20)")
     parser.add_argument("--guidance_scale", type=float, default=3.5, help="classifier-free guidance; how closely images follow the sentence (default: 3.5)")
-    parser.add_argument("--strength", type=float, default=1.0, help="how far the box content may move from the defect-free image, in (0, 1] (default: 1.0)")
-    parser.add_argument("--seeds", "--seed", dest="seeds", type=int, default=0, help="base seed; sample NNN uses seeds + NNN (default: 0)")
+    parser.add_argument("--strength", type=positive_float, default=1.0, help="how far the box content may move from the defect-free image, in (0, 1] (default: 1.0)")
+    parser.add_argument("--seeds", "--seed", dest="seeds", type=non_negative_int, default=0, help="base seed; sample NNN uses seeds + NNN (default: 0)")
     parser.add_argument("--extract_mask", nargs="?", const=True, default=False, type=str2bool,
                         help="write the precise mask of what changed (default: off, the box is written as the mask)")
     parser.add_argument("--mask_method", choices=MASK_METHODS, default="default", help="precise-mask method; official = the paper's (default: default)")
     parser.add_argument("--skip_empty", action="store_true", help="drop samples whose precise mask is empty (nothing visible was drawn)")
-    parser.add_argument("--batch_size", type=int, default=4, help="prompts per pipeline call (default: 4)")
-    parser.add_argument("--resolution", type=int, default=512, help="the longer image side the model runs at, multiple of 8 (default: 512)")
+    parser.add_argument("--batch_size", type=positive_int, default=4, help="prompts per pipeline call (default: 4)")
+    parser.add_argument("--resolution", type=positive_int, default=512, help="the longer image side the model runs at, multiple of 8 (default: 512)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available; one GPU per process under accelerate launch)")
     parser.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="weights and activations (default: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--overwrite", action="store_true", help="delete this class's earlier outputs and start over")
-    parser.add_argument("--write_workers", type=int, default=WRITE_WORKERS,
+    parser.add_argument("--write_workers", type=non_negative_int, default=WRITE_WORKERS,
                         help=f"threads that paste back, extract masks and write samples while the next batch generates (default: {WRITE_WORKERS}; 0: after each batch)")
     args = parser.parse_args(argv)
-    for flag, value in (("--num_inference_steps", args.num_inference_steps), ("--batch_size", args.batch_size), ("--resolution", args.resolution)):
-        if value < 1:
-            raise UsageError(f"{flag} must be >= 1, got {value}")
-    if args.write_workers < 0:
-        raise UsageError(f"--write_workers must be >= 0, got {args.write_workers}")
     if args.resolution % 8:
         raise UsageError(f"--resolution must be a multiple of 8, got {args.resolution}")
     if not 0 < args.strength <= 1:

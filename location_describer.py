@@ -8,10 +8,9 @@ Dataset paths in the records are relative to the record's `dataset_root` (absolu
 to its `bbox_root` (OUTDIR, absolute). The dataset is only read.
 """
 
-import argparse
 from pathlib import Path
 
-from mvp_diff.cli_args import add_box_args, add_dataset_args, add_stage1_outdir_arg
+from mvp_diff.cli_args import ArgumentParser, add_box_args, add_dataset_args, add_stage1_outdir_arg
 from mvp_diff.errors import cli
 from mvp_diff.files import atomic_write_jsonl
 from mvp_diff.records import build_records, load_class_boxes, records_paths
@@ -19,7 +18,7 @@ from mvp_diff.run_lock import run_lock
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dataset_args(parser)
     add_stage1_outdir_arg(parser)
     parser.add_argument("--train_fraction", type=float, default=1 / 3, help="share of each defect type that trains the generator (default: 1/3)")

@@ -38,10 +38,10 @@ def tokenizer():
 
     from transformers import CLIPTokenizer
 
-    from mvp_diff.checkpoint import _write_release_tokenizer
+    from mvp_diff.demo_checkpoint import write_release_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        _write_release_tokenizer(Path(tmp))
+        write_release_tokenizer(Path(tmp))
         return CLIPTokenizer.from_pretrained(tmp)
 
 
@@ -53,7 +53,7 @@ def components(unet_config=SD15_UNET, vae_config=SD15_VAE, text_config=SD15_TEXT
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
 
-    from mvp_diff.checkpoint import SD15_SCHEDULER
+    from mvp_diff.demo_checkpoint import SD15_SCHEDULER
 
     tok = tokenizer()
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -98,9 +98,9 @@ def build_release_checkpoint(path, safety_checker=True, seed=0, **configs):
         model.to(torch.float32)
         for p, text in configs_before.items():
             p.write_text(text)
-    from mvp_diff.checkpoint import _write_release_tokenizer
+    from mvp_diff.demo_checkpoint import write_release_tokenizer
 
-    _write_release_tokenizer(path / "tokenizer")
+    write_release_tokenizer(path / "tokenizer")
     (path / COMPLETE).write_text(json.dumps(parameter_counts(parts)) + "\n")
     return path
 

@@ -90,7 +90,8 @@ def time_runs(pipe, images, masks, size, settings, batch_size, prompt="a bottle 
 
 
 def tiny_section(args, device):
-    from mvp_diff.checkpoint import build_tiny_inpainting_checkpoint, check_checkpoint
+    from mvp_diff.checkpoint import check_checkpoint
+    from mvp_diff.demo_checkpoint import build_tiny_inpainting_checkpoint
 
     checkpoint = WORK / "tiny_inpainting"
     try:
@@ -139,7 +140,8 @@ def overlap_section(args, device):
     """Whole Stage 3 runs (synthesize, as inpainting.py calls it) with --extract_mask, sequential
     writes against writer threads, interleaved; the outputs must be byte-identical."""
     import random_box
-    from mvp_diff.checkpoint import build_tiny_inpainting_checkpoint, check_checkpoint
+    from mvp_diff.checkpoint import check_checkpoint
+    from mvp_diff.demo_checkpoint import build_tiny_inpainting_checkpoint
 
     checkpoint = WORK / "tiny_inpainting"
     try:

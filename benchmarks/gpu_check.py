@@ -17,7 +17,6 @@ and write every figure with the GPU's name and the library versions to benchmark
     sh benchmarks/gpu_check.sh --parts train_step,generation
 """
 
-import argparse
 import datetime
 import json
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mvp_diff.cli_args import ArgumentParser, positive_int  # noqa: E402
 from mvp_diff.errors import UsageError, UserError, cli  # noqa: E402
 
 PARTS = ("tests", "train_step", "multi_gpu", "generation")
@@ -42,12 +42,12 @@ GOAL_IMAGES_PER_S = 8.0  # on an H100/H200-class GPU
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts to run (default: {','.join(PARTS)})")
-    p.add_argument("--num", type=int, default=48, help="Stage 3 samples per timing (default: 48)")
-    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4, 8], help="Stage 3 batch sizes (default: 1 4 8)")
-    p.add_argument("--train_steps", type=int, default=5, help="LoRA steps per timing of the train_step part (default: 5)")
-    p.add_argument("--test_timeout", type=int, default=300, help="seconds the test suite may take (default: 300)")
+    p.add_argument("--num", type=positive_int, default=48, help="Stage 3 samples per timing (default: 48)")
+    p.add_argument("--batch_sizes", type=positive_int, nargs="+", default=[1, 4, 8], help="Stage 3 batch sizes (default: 1 4 8)")
+    p.add_argument("--train_steps", type=positive_int, default=5, help="LoRA steps per timing of the train_step part (default: 5)")
+    p.add_argument("--test_timeout", type=positive_int, default=300, help="seconds the test suite may take (default: 300)")
     p.add_argument("--work", default=str(WORK), help=f"scratch folder: checkpoint, data, outputs (default: {WORK.relative_to(REPO)})")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gpu.md"), help="results file (default: benchmarks/results/gpu.md)")
     args = p.parse_args(argv)
@@ -55,7 +55,7 @@ def parse_args(argv=None):
     unknown = [x for x in parts if x not in PARTS]
     if unknown or not parts:
         raise UsageError(f"--parts {args.parts!r}: unknown part(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(PARTS)}")
-    if args.num < max(args.batch_sizes) or min(args.batch_sizes) < 1:
+    if args.num < max(args.batch_sizes):
         raise UsageError(f"--num {args.num} and --batch_sizes {args.batch_sizes}: batch sizes must be >= 1 and at most --num")
     args.parts = parts
     return args
@@ -138,9 +138,9 @@ def part_multi_gpu(args, results, checkpoint):
 
 
 def part_generation(args, results, checkpoint):
-    import random_box
     import torch
 
+    import random_box
     from benchmarks.generate import large_dataset
     from mvp_diff.synthesis import WRITE_WORKERS, Settings, load_pipeline, synthesize
 

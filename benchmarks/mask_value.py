@@ -25,7 +25,6 @@ the batch order. Results per job are cached under --out (a rerun resumes).
     python benchmarks/mask_value.py --out output/mask_value
 """
 
-import argparse
 import json
 import math
 import multiprocessing
@@ -45,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mask_precision import generated_image
 
 from mvp_diff.boxes import box_mask, mask_regions
+from mvp_diff.cli_args import ArgumentParser, positive_int
 from mvp_diff.dataset import list_classes, load_class
 from mvp_diff.demo_data import build_demo_dataset
 from mvp_diff.errors import UsageError, UserError, cli
@@ -241,28 +241,25 @@ def report(args, table, label_ious, chance, seeds, seconds):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="./output/mask_value", help="work folder: pairs, per-run results, report.md (default: ./output/mask_value)")
     parser.add_argument("--dataset", default=None, help="MVTec-layout dataset with true masks (default: the demo classes, built under --out)")
     parser.add_argument("--classname", default=None, help="comma-separated classes (default: every class of the dataset)")
     parser.add_argument("--mask_suffix", default="_mask")
-    parser.add_argument("--demo_anomalies", type=int, default=24, help="demo anomalies per defect type (default: 24)")
-    parser.add_argument("--demo_train_good", type=int, default=30, help="demo train/good images (default: 30)")
-    parser.add_argument("--demo_test_good", type=int, default=12, help="demo test/good images (default: 12)")
-    parser.add_argument("--num_pairs", type=int, default=48, help="synthetic pairs per class and seed (default: 48)")
+    parser.add_argument("--demo_anomalies", type=positive_int, default=24, help="demo anomalies per defect type (default: 24)")
+    parser.add_argument("--demo_train_good", type=positive_int, default=30, help="demo train/good images (default: 30)")
+    parser.add_argument("--demo_test_good", type=positive_int, default=12, help="demo test/good images (default: 12)")
+    parser.add_argument("--num_pairs", type=positive_int, default=48, help="synthetic pairs per class and seed (default: 48)")
     parser.add_argument("--fill", type=float, default=0.75, help="pasted defect's size as a share of its box side (default: 0.75)")
     parser.add_argument("--jitter", type=float, default=0.5, help="box size jitter, as random_box.py --jitter (default: 0.5)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--image_size", type=int, default=96, help="segmenter input size, a multiple of 32 (default: 96)")
     parser.add_argument("--base_channels", type=int, default=8, help="segmenter width (default: 8)")
-    parser.add_argument("--epochs", type=int, default=20, help="epochs of train/good (default: 20)")
+    parser.add_argument("--epochs", type=positive_int, default=20, help="epochs of train/good (default: 20)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="Adam learning rate (default: 1e-4, DRAEM's)")
-    parser.add_argument("--workers", type=int, default=2, help="training processes in parallel, one thread each (default: 2)")
+    parser.add_argument("--workers", type=positive_int, default=2, help="training processes in parallel, one thread each (default: 2)")
     args = parser.parse_args(argv)
-    for flag in ("num_pairs", "epochs", "workers", "demo_anomalies", "demo_train_good", "demo_test_good"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.image_size < 32 or args.image_size % 32:
         raise UsageError(f"--image_size must be a positive multiple of 32, got {args.image_size}")
     if not 0 < args.fill <= 1:

@@ -28,15 +28,15 @@ def child(args):
     import torch
 
     from benchmarks.full_size import SD15_TEXT, SD15_UNET, SD15_VAE
-    from benchmarks.train_step import grad_scaler, lora_step
-    from mvp_diff.training import prepare_lora_unet
+    from benchmarks.train_step import production_step
+    from mvp_diff.lora import prepare_lora_unet
 
     if args.threads:
         torch.set_num_threads(args.threads)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from mvp_diff.checkpoint import SD15_SCHEDULER
+    from mvp_diff.demo_checkpoint import SD15_SCHEDULER
 
     device = torch.device(args.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
@@ -51,12 +51,10 @@ def child(args):
         encoders = [AutoencoderKL(**SD15_VAE).to(device, dtype), CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).to(device, dtype)]
     params = prepare_lora_unet(unet, args.rank, args.gradient_checkpointing)
     unet.train()
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
     scheduler = DDPMScheduler.from_config(SD15_SCHEDULER)
+    step = production_step(unet, scheduler, params, args.mixed_precision, device)
     build_s = time.perf_counter() - started
     rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    autocast = torch.autocast(device.type, dtype) if args.mixed_precision != "no" else torch.autocast(device.type, enabled=False)
-    scaler = grad_scaler(args.mixed_precision, device)
 
     size, b = args.resolution // 8, args.batch_size
     g = torch.Generator().manual_seed(0)
@@ -69,7 +67,7 @@ def child(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        loss = lora_step(unet, scheduler, batch, params, optimizer, autocast, scaler)
+        loss = step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)

@@ -10,9 +10,9 @@ and records.
 Models (random weights, nothing downloaded): `tiny` is the tests' checkpoint; `mid` a scaled-down SD
 (UNet blocks 128/256/256, VAE blocks 64/128/128/128, 6-layer 512-wide text encoder); `full` the SD-1.5
 inpainting architecture (GPU). The re-encoding loop gets its images already decoded and resized in
-memory, so only the VAE and text-encoder work counts against it. Both loops run the same LoRA
-forward/backward/AdamW step, with fp16 through a gradient scaler as accelerate does in training;
-timings are interleaved and the median counts. On CUDA each loop's peak memory
+memory, so only the VAE and text-encoder work counts against it. Both loops run train_diffusion.py's
+own optimisation step (`mvp_diff.training.training_step` under accelerate; fp16 through accelerate's
+gradient scaler); timings are interleaved and the median counts. On CUDA each loop's peak memory
 (torch.cuda.max_memory_allocated, all models resident as in training) is reported too.
 """
 
@@ -32,34 +32,30 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.full_size import SD15_TEXT, SD15_UNET, SD15_VAE  # noqa: E402
 from mvp_diff.latent_cache import ExampleImages, build_latent_cache  # noqa: E402
-from mvp_diff.training import SampleStream, diffusion_loss, prepare_lora_unet  # noqa: E402
+from mvp_diff.lora import prepare_lora_unet  # noqa: E402
+from mvp_diff.sample_stream import SampleStream  # noqa: E402
+from mvp_diff.training import training_step  # noqa: E402
 
 WORK = REPO / "benchmarks" / "_work" / "training"
 
 
-def lora_step(unet, scheduler, batch, params, optimizer, autocast, scaler=None):
-    """One LoRA optimisation step as train_diffusion.py takes it (min-SNR loss, clipping, AdamW; with
-    fp16 the loss scaling accelerate applies: scale, unscale before clipping, skip steps with inf
-    gradients); the loss."""
-    with autocast:
-        loss = diffusion_loss(unet, scheduler, batch, snr_gamma=10)
-    if scaler is None:
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-    optimizer.zero_grad()
-    return loss.detach()
+def production_step(unet, noise_scheduler, params, mixed_precision, device):
+    """train_diffusion.py's optimisation step on this model: `mvp_diff.training.training_step` under
+    accelerate with the run's mixed precision (fp16: accelerate's gradient scaler), min-SNR loss,
+    clipping and AdamW. Returns step(batch) -> loss."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
 
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
 
-def grad_scaler(mixed_precision, device):
-    """The gradient scaler of an fp16 run (accelerate makes the same one), else None."""
-    return torch.amp.GradScaler(device.type) if mixed_precision == "fp16" else None
+    def step(batch):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        return training_step(accelerator, unet, noise_scheduler, optimizer, lr_scheduler, [batch], snr_gamma=10, max_grad_norm=1.0)
+
+    return step
 
 
 MID_UNET = dict(in_channels=9, out_channels=4, layers_per_block=2, block_out_channels=(128, 256, 256), cross_attention_dim=512, attention_head_dim=8,
@@ -71,7 +67,7 @@ MID_TEXT = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, nu
 
 
 def tiny_checkpoint():
-    from mvp_diff.checkpoint import build_tiny_inpainting_checkpoint
+    from mvp_diff.demo_checkpoint import build_tiny_inpainting_checkpoint
 
     path = WORK / "tiny_inpainting"
     if not (path / "model_index.json").is_file():
@@ -125,9 +121,7 @@ def bench(name, args):
         model.to(device) if dtype == torch.float32 else model.to(device, dtype)
     params = prepare_lora_unet(unet, 4, args.gradient_checkpointing)
     unet.train()
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    autocast = torch.autocast(device.type, dtype) if args.mixed_precision != "no" else torch.autocast(device.type, enabled=False)
-    scaler = grad_scaler(args.mixed_precision, device)
+    optimize = production_step(unet, scheduler, params, args.mixed_precision, device)
 
     data = records()
     started = time.perf_counter()
@@ -140,9 +134,6 @@ def bench(name, args):
     goods = [ExampleImages([(d[2], d[1])], args.resolution)[0][0] for d in data]
     pixels, masks, goods = torch.stack(pixels), torch.stack(masks), torch.stack(goods)
     ids = tokenizer([d[3] for d in data], max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids
-
-    def optimize(batch):
-        lora_step(unet, scheduler, {k: v.to(device) for k, v in batch.items()}, params, optimizer, autocast, scaler)
 
     def cached_step(m):
         optimize(stream.batch(cache, m, 0, args.batch_size))

@@ -9,7 +9,6 @@ script/, output/) and runs the README's commands there, as written, with a few f
 the run small (resolution, steps, counts).
 """
 
-import argparse
 import os
 import shlex
 import subprocess
@@ -17,9 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from .checkpoint import build_tiny_inpainting_checkpoint
+from .cli_args import ArgumentParser, non_negative_int, positive_int
+from .demo_checkpoint import build_tiny_inpainting_checkpoint
 from .demo_data import DEMO_CLASSES, build_demo_dataset
 from .errors import UsageError, UserError, cli
+from .training_inputs import seed_training_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,11 +34,7 @@ def stage_commands(classname, args):
             ["boundbox.py", "--classname", c, "--dataset", "./dataset"],
         ],
         2: [
-            ["train_diffusion.py", "--pretrained_model_name_or_path", "checkpoints/inpainting", "--train_data_dir", f"./dataset/{c}",
-             "--train_batch_size", "6", "--gradient_accumulation_steps", "4", "--num_train_epochs", "1000", "--checkpointing_steps", "500",
-             "--learning_rate", "1e-07", "--lr_scheduler", "constant", "--seed", "0", "--validation_epochs", "100",
-             "--validation_file", f"./script/{c}/{c}_test.jsonl", "--output_dir", "./output", "--prediction_type", "epsilon",
-             "--scale_lr", "--snr_gamma", "10",
+            ["train_diffusion.py", *seed_training_args(c),
              # demo size: a short run at low resolution
              "--resolution", str(args.resolution), "--max_train_steps", str(args.max_train_steps)],
         ],
@@ -69,15 +66,15 @@ def run(argv, cwd):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Run MvP-Diff end to end on a generated dataset and a tiny checkpoint.")
+    parser = ArgumentParser(description="Run MvP-Diff end to end on a generated dataset and a tiny checkpoint.")
     parser.add_argument("--workdir", default="./demo", help="where dataset/, checkpoints/, script/, output/ go (default: ./demo)")
     parser.add_argument("--classes", nargs="+", default=list(DEMO_CLASSES), help=f"demo classes (default: {' '.join(DEMO_CLASSES)})")
     parser.add_argument("--stages", default="1,2,3,4", help="comma-separated stages to run; 4 = evaluation (default: 1,2,3,4)")
-    parser.add_argument("--resolution", type=int, default=128, help="training and generation resolution (default: 128)")
-    parser.add_argument("--max_train_steps", type=int, default=10, help="Stage 2 steps per class (default: 10)")
-    parser.add_argument("--num", type=int, default=8, help="synthetic samples per class (default: 8)")
-    parser.add_argument("--eval_epochs", type=int, default=20, help="epochs of the downstream segmentation models (default: 20)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated dataset and checkpoint (default: 0)")
+    parser.add_argument("--resolution", type=positive_int, default=128, help="training and generation resolution (default: 128)")
+    parser.add_argument("--max_train_steps", type=positive_int, default=10, help="Stage 2 steps per class (default: 10)")
+    parser.add_argument("--num", type=positive_int, default=8, help="synthetic samples per class (default: 8)")
+    parser.add_argument("--eval_epochs", type=positive_int, default=20, help="epochs of the downstream segmentation models (default: 20)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the generated dataset and checkpoint (default: 0)")
     return parser.parse_args(argv)
 
 

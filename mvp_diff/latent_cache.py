@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from .progress import progress_bar
 
 from .files import read_mask, read_rgb
+from .progress import progress_bar
 
 # torch.flip dims of each variant: none, horizontal, vertical, both
 FLIP_DIMS = {"none": (), "hflip": (-1,), "vflip": (-2,), "hvflip": (-2, -1)}

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -39,7 +38,7 @@ def demo_dataset(demo_dataset_master, tmp_path):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Tiny random SD-1.5-inpainting-layout checkpoint folder (read-only by convention)."""
-    from mvp_diff.checkpoint import build_tiny_inpainting_checkpoint
+    from mvp_diff.demo_checkpoint import build_tiny_inpainting_checkpoint
 
     return build_tiny_inpainting_checkpoint(tmp_path_factory.mktemp("ckpt") / "inpainting")
 
@@ -64,14 +63,19 @@ def in_process(script, *args, cwd):
         os.chdir(old)
 
 
-def assert_user_error(proc, code, *needles):
-    """A one-line error (no traceback) with the given exit code that mentions every needle."""
+def assert_user_error(proc, code, *needles, after_progress=False):
+    """The error is exactly one line on stderr, with the given exit code, mentioning every needle.
+    `after_progress`: the run had started (progress bars, log lines), so the error is the last line
+    of stderr and the only error line; otherwise it is all of stderr."""
     assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [l for l in proc.stderr.strip().splitlines() if "error" in l]
-    assert lines, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    if after_progress:
+        assert "Traceback" not in proc.stderr and [line for line in lines if ": error: " in line] == lines[-1:], proc.stderr
+    else:
+        assert len(lines) == 1, proc.stderr
+    assert ": error: " in lines[-1], proc.stderr
     for needle in needles:
-        assert needle in proc.stderr, (needle, proc.stderr)
+        assert needle in lines[-1], (needle, proc.stderr)
 
 
 def dataset_listing(root):

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
 from mvp_diff.checkpoint import check_checkpoint
 from mvp_diff.errors import UserError
 

@@ -9,12 +9,11 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import assert_user_error, run_script
 
-SEED_FLAGS = ("--train_data_dir ./dataset/bottle --train_batch_size 6 --gradient_accumulation_steps 4 --num_train_epochs 1000 "
-              "--checkpointing_steps 500 --learning_rate 1e-07 --lr_scheduler constant --seed 0 --validation_epochs 100 "
-              "--validation_file ./script/bottle/bottle_test.jsonl --output_dir ./output --prediction_type epsilon --scale_lr --snr_gamma 10").split()
+from mvp_diff.training_inputs import seed_training_args
+
+SEED_FLAGS = seed_training_args("bottle")[2:]  # less --pretrained_model_name_or_path
 TINY = ["--max_train_steps", "1", "--resolution", "64", "--validation_epochs", "1", "--validation_inference_steps", "2", "--report_to", "none"]
 HUB_ID = "mvp-diff-tests/tiny-inpainting"
 
@@ -44,7 +43,7 @@ def stage1(demo_dataset_master, tmp_path_factory):
 
 
 def shaped_checkpoint(shape, tiny_checkpoint, dest):
-    from mvp_diff.checkpoint import build_tiny_inpainting_checkpoint
+    from mvp_diff.demo_checkpoint import build_tiny_inpainting_checkpoint
 
     if shape == "fp16_only":
         path = build_tiny_inpainting_checkpoint(dest, variant="fp16", dtype=torch.float16)
@@ -85,7 +84,8 @@ def test_user_checkpoint_shapes_run_stage2_and_stage3(shape, stage1, tiny_checkp
 
 def test_fp16_only_checkpoint_needs_no_variant_flag(tiny_checkpoint, tmp_path):
     """Every frozen model comes back on the asked dtype, whatever the files and configs say."""
-    from mvp_diff.checkpoint import build_tiny_inpainting_checkpoint, load_components, pick_variant
+    from mvp_diff.checkpoint import load_components, pick_variant
+    from mvp_diff.demo_checkpoint import build_tiny_inpainting_checkpoint
 
     path = build_tiny_inpainting_checkpoint(tmp_path / "fp16", variant="fp16", dtype=torch.float16)
     assert pick_variant(path, torch.float32) == "fp16"

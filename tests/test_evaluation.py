@@ -11,18 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_user_error, run_script
 from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from conftest import assert_user_error, run_script
 from mvp_diff.dataset import split_anomalies
 from mvp_diff.draem import draem_anomaly, perlin_mask, synthesize
 from mvp_diff.errors import UserError
-from mvp_diff.evaluation import metrics as M
+from mvp_diff.evaluation import metrics, pipeline, quality, segmentation
 from mvp_diff.evaluation.classification import classification_accuracy
-from mvp_diff.evaluation import pipeline as P
-from mvp_diff.evaluation import quality as Q
-from mvp_diff.evaluation import segmentation as S
 from mvp_diff.evaluation.data import generated_class_dir, load_generated, real_split
 from mvp_diff.evaluation.standin import build_standin
 from mvp_diff.files import read_mask, read_rgb
@@ -45,13 +42,13 @@ def standin(demo_dataset_master, tmp_path_factory):
 def test_metrics_hand_computed():
     scores = np.array([0.9, 0.8, 0.7, 0.1])
     labels = np.array([1, 0, 1, 0], bool)
-    assert M.auroc(scores, labels) == pytest.approx(0.75)
-    assert M.average_precision(scores, labels) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
-    f1, threshold, iou = M.f1_max(scores, labels)
+    assert metrics.auroc(scores, labels) == pytest.approx(0.75)
+    assert metrics.average_precision(scores, labels) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    f1, threshold, iou = metrics.f1_max(scores, labels)
     assert (f1, threshold, iou) == pytest.approx((0.8, 0.7, 2 / 3))  # P 2/3, R 1 at >= 0.7
-    assert M.iou_at(scores, labels, 0.85) == pytest.approx(1 / 2)
-    assert math.isnan(M.auroc(scores, np.zeros(4, bool))) and math.isnan(M.average_precision(scores, np.zeros(4, bool)))
-    assert math.isnan(M.auroc(scores, np.ones(4, bool)))
+    assert metrics.iou_at(scores, labels, 0.85) == pytest.approx(1 / 2)
+    assert math.isnan(metrics.auroc(scores, np.zeros(4, bool))) and math.isnan(metrics.average_precision(scores, np.zeros(4, bool)))
+    assert math.isnan(metrics.auroc(scores, np.ones(4, bool)))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -60,7 +57,7 @@ def test_pixel_metrics_match_sklearn(seed):
     maps = np.round(rng.random((5, 9, 7)), 2).astype(np.float32)  # rounded: many ties
     masks = rng.random((5, 9, 7)) < 0.2
     masks[4] = False  # a defect-free image
-    out = M.segmentation_metrics(maps, masks, val_threshold=0.5)
+    out = metrics.segmentation_metrics(maps, masks, val_threshold=0.5)
     y, s = masks.ravel(), maps.ravel()
     assert out["pixel_auroc"] == pytest.approx(roc_auc_score(y, s))
     assert out["pixel_ap"] == pytest.approx(average_precision_score(y, s))
@@ -82,7 +79,7 @@ COLOURS = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (250, 250, 10)]
 
 
 def _colour_extractor(uniform):
-    class ColourClasses(Q.logits_extractor_base()):
+    class ColourClasses(quality.logits_extractor_base()):
         """Logits 100 x one-hot of the image's colour (or all zero: uniform predictions)."""
 
         def forward(self, x):
@@ -104,16 +101,16 @@ def test_inception_score_arithmetic(tmp_path):
         side = 20 if i == 5 else 16  # one odd size: batched all the same
         Image.fromarray(np.full((side, side, 3), COLOURS[i % 4], np.uint8)).save(path)
         files.append(path)
-    Q.register_extractor("test-colour-onehot", _colour_extractor(False))
-    Q.register_extractor("test-colour-uniform", _colour_extractor(True))
-    is_k, _, _ = Q.inception_score(files, splits=1, extractor="test-colour-onehot")
+    quality.register_extractor("test-colour-onehot", _colour_extractor(False))
+    quality.register_extractor("test-colour-uniform", _colour_extractor(True))
+    is_k, _, _ = quality.inception_score(files, splits=1, extractor="test-colour-onehot")
     assert is_k == pytest.approx(4.0, rel=1e-6)  # one-hot, evenly over K = 4 classes
-    is_one, _, _ = Q.inception_score(files, splits=1, extractor="test-colour-uniform")
+    is_one, _, _ = quality.inception_score(files, splits=1, extractor="test-colour-uniform")
     assert is_one == pytest.approx(1.0)
-    is_single, _, _ = Q.inception_score(files[::4], splits=1, extractor="test-colour-onehot")
+    is_single, _, _ = quality.inception_score(files[::4], splits=1, extractor="test-colour-onehot")
     assert is_single == pytest.approx(1.0)  # one class only
-    assert Q.isc_splits_for(1000) == 10 and Q.isc_splits_for(55) == 5 and Q.isc_splits_for(4) == 1
-    value, _, used = Q.inception_score(files, testing=True)  # the random stand-in runs through torch-fidelity
+    assert quality.isc_splits_for(1000) == 10 and quality.isc_splits_for(55) == 5 and quality.isc_splits_for(4) == 1
+    value, _, used = quality.inception_score(files, testing=True)  # the random stand-in runs through torch-fidelity
     assert used == 2 and value >= 1.0
 
 
@@ -128,15 +125,15 @@ def _abs_distances(xs, ys):
 def test_ic_lpips_arithmetic():
     real = _const_images([0, 10])
     gen = _const_images([1, 2, 4, 9])  # 1, 2, 4 join real 0; 9 joins real 10
-    score_a, values_a, sizes_a = Q.ic_lpips_ojha(_abs_distances, gen, real, np.random.default_rng(0))
+    score_a, values_a, sizes_a = quality.ic_lpips_ojha(_abs_distances, gen, real, np.random.default_rng(0))
     assert sizes_a == [3, 1]
     assert values_a[0] == pytest.approx((1 + 3 + 2) / 3) and math.isnan(values_a[1])
     assert score_a == pytest.approx(2.0)  # NaN-mean over clusters
-    score_b, values_b, sizes_b = Q.ic_lpips_dfmgan(_abs_distances, gen, real)
+    score_b, values_b, sizes_b = quality.ic_lpips_dfmgan(_abs_distances, gen, real)
     assert values_b == pytest.approx([2.0, 0.0]) and score_b == pytest.approx(1.0)  # lone member counts 0
-    capped, _, _ = Q.ic_lpips_dfmgan(_abs_distances, gen, real, cap=2)
+    capped, _, _ = quality.ic_lpips_dfmgan(_abs_distances, gen, real, cap=2)
     assert capped == pytest.approx((1 + 0) / 2)  # first two members: 1 and 2
-    sampled, _, _ = Q.ic_lpips_ojha(_abs_distances, gen, real, np.random.default_rng(0), cluster_size=1)
+    sampled, _, _ = quality.ic_lpips_ojha(_abs_distances, gen, real, np.random.default_rng(0), cluster_size=1)
     assert math.isnan(sampled)  # every cluster under two members
 
 
@@ -144,27 +141,27 @@ def test_ic_lpips_arithmetic():
 def test_lpips_matrix_equals_lpips_and_identical_images_score_zero(net):
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.integers(0, 255, (5, 3, 64, 64), dtype=np.uint8))
-    model = Q.load_lpips(net, testing=True)
-    matrix = Q.LpipsMatrix(model, batch_size=2, budget_mb=1)(images[:3], images)  # tiny budget: several chunks
+    model = quality.load_lpips(net, testing=True)
+    matrix = quality.LpipsMatrix(model, batch_size=2, budget_mb=1)(images[:3], images)  # tiny budget: several chunks
     with torch.no_grad():
         scaled = images.float() / 127.5 - 1
         direct = np.array([[model(scaled[i : i + 1], scaled[j : j + 1]).item() for j in range(5)] for i in range(3)])
     assert np.allclose(matrix, direct, rtol=1e-4, atol=1e-5)
     assert np.allclose(np.diag(matrix[:, :3]), 0, atol=1e-5) and matrix[0, 1] > 0
 
-    distances = Q.LpipsMatrix(model)
+    distances = quality.LpipsMatrix(model)
     gen = images[:1].expand(5, -1, -1, -1).contiguous()  # five identical generated images
-    assert Q.ic_lpips_ojha(distances, gen, images[:2], rng)[0] == pytest.approx(0.0, abs=1e-5)
-    assert Q.ic_lpips_dfmgan(distances, gen, images[:2])[0] == pytest.approx(0.0, abs=1e-5)
+    assert quality.ic_lpips_ojha(distances, gen, images[:2], rng)[0] == pytest.approx(0.0, abs=1e-5)
+    assert quality.ic_lpips_dfmgan(distances, gen, images[:2])[0] == pytest.approx(0.0, abs=1e-5)
 
 
 def test_missing_weights_named(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    missing = " ".join(Q.missing_weights(True, ["alex", "vgg"]))
+    missing = " ".join(quality.missing_weights(True, ["alex", "vgg"]))
     for name in ("weights-inception-2015-12-05-6726825d.pth", "alexnet-owt-7be5be79.pth", "vgg16-397923af.pth"):
         assert str(tmp_path / "torch" / "hub" / "checkpoints" / name) in missing
     with pytest.raises(UserError, match="fetching is off"):
-        Q.load_lpips("alex", offline=True)
+        quality.load_lpips("alex", offline=True)
 
 
 def test_missing_weights_are_fetched_into_the_torch_hub_cache(tmp_path, monkeypatch):
@@ -174,15 +171,15 @@ def test_missing_weights_are_fetched_into_the_torch_hub_cache(tmp_path, monkeypa
     source = tmp_path / "served" / "alexnet-owt-7be5be79.pth"
     source.parent.mkdir()
     torch.save({"features.0.weight": torch.zeros(1)}, source)
-    monkeypatch.setitem(Q.LPIPS_TRUNKS, "alex", (source.name, source.as_uri()))
-    Q.require_weights(need_is=False, lpips_nets=["alex"])
+    monkeypatch.setitem(quality.LPIPS_TRUNKS, "alex", (source.name, source.as_uri()))
+    quality.require_weights(need_is=False, lpips_nets=["alex"])
     fetched = tmp_path / "torch" / "hub" / "checkpoints" / source.name
     assert fetched.read_bytes() == source.read_bytes()
 
     gone = (tmp_path / "served" / "vgg16-397923af.pth").as_uri()
-    monkeypatch.setitem(Q.LPIPS_TRUNKS, "vgg", ("vgg16-397923af.pth", gone))
+    monkeypatch.setitem(quality.LPIPS_TRUNKS, "vgg", ("vgg16-397923af.pth", gone))
     with pytest.raises(UserError, match="could not download") as err:
-        Q.require_weights(need_is=False, lpips_nets=["alex", "vgg"])
+        quality.require_weights(need_is=False, lpips_nets=["alex", "vgg"])
     assert gone in str(err.value) and "alexnet" not in str(err.value) and "\n" not in str(err.value)
 
 
@@ -218,8 +215,8 @@ def test_generated_folder_of_another_class_is_refused(standin, tmp_path):
 
 def test_metrics_accept_integer_and_bool_scores():
     labels = np.array([0, 1, 0, 1])
-    assert M.auroc(np.uint8([0, 255, 10, 200]), labels) == pytest.approx(1.0)
-    assert M.auroc(np.array([False, True, False, True]), labels) == pytest.approx(1.0)
+    assert metrics.auroc(np.uint8([0, 255, 10, 200]), labels) == pytest.approx(1.0)
+    assert metrics.auroc(np.array([False, True, False, True]), labels) == pytest.approx(1.0)
 
 
 # --- split and model selection -------------------------------------------------------------------
@@ -262,7 +259,7 @@ def test_model_selection_never_reads_the_test_set(demo_dataset_master, standin, 
     test_files = {s.image.resolve() for s in split.test_set()}
     state = {"training": False, "test_reads_in_training": [], "train_reads": 0, "test_predictions": [], "trained": 0}
 
-    original_load, original_train, original_predict = S.load_pair, P.train_model, S.predict
+    original_load, original_train, original_predict = segmentation.load_pair, pipeline.train_model, segmentation.predict
 
     def load_pair(sample, size, use_box=False):
         if sample.image.resolve() in test_files:
@@ -293,14 +290,14 @@ def test_model_selection_never_reads_the_test_set(demo_dataset_master, standin, 
             state["test_predictions"].append(state["trained"])
         return original_predict(model, dataset, cfg, desc)
 
-    monkeypatch.setattr(S, "load_pair", load_pair)
-    monkeypatch.setattr(P, "train_model", train_model)
-    monkeypatch.setattr(S, "predict", predict)
-    cfg = P.EvalConfig(
+    monkeypatch.setattr(segmentation, "load_pair", load_pair)
+    monkeypatch.setattr(pipeline, "train_model", train_model)
+    monkeypatch.setattr(segmentation, "predict", predict)
+    cfg = pipeline.EvalConfig(
         classnames=["grid"], dataset=str(demo_dataset_master), generated=str(standin), out=str(tmp_path / "out"),
-        parts=("segmentation",), train=S.TrainConfig(image_size=64, epochs=3, base_channels=8), testing=True,
+        parts=("segmentation",), train=segmentation.TrainConfig(image_size=64, epochs=3, base_channels=8), testing=True,
     )  # fmt: skip
-    results = P.evaluate(cfg)
+    results = pipeline.evaluate(cfg)
     settings = results.classes["grid"].segmentation.settings
     assert list(settings) == ["a", "b:ours", "c:ours", "d"]
     assert state["test_reads_in_training"] == [] and state["train_reads"] > 0
@@ -310,21 +307,21 @@ def test_model_selection_never_reads_the_test_set(demo_dataset_master, standin, 
 
 
 def test_half_half_batches():
-    sampler = S.HalfHalfBatchSampler(n_good=3, n_anomaly=5, half=2, steps=6, seed=0)
+    sampler = segmentation.HalfHalfBatchSampler(n_good=3, n_anomaly=5, half=2, steps=6, seed=0)
     batches = list(sampler)
     assert len(batches) == 6 and all(len(b) == 4 for b in batches)
     assert all(i < 3 for b in batches for i in b[:2]) and all(3 <= i < 8 for b in batches for i in b[2:])
-    other = list(S.HalfHalfBatchSampler(n_good=3, n_anomaly=9, half=2, steps=6, seed=0))
+    other = list(segmentation.HalfHalfBatchSampler(n_good=3, n_anomaly=9, half=2, steps=6, seed=0))
     assert [b[:2] for b in batches] == [b[:2] for b in other]  # the good stream does not depend on the pool
 
 
 def test_unet_shapes_and_focal_loss():
-    net = S.DiscriminativeUNet(3, 2, base_channels=4)
+    net = segmentation.DiscriminativeUNet(3, 2, base_channels=4)
     logits = net(torch.rand(2, 3, 64, 64))
     assert logits.shape == (2, 2, 64, 64)
     target = torch.zeros(1, 1, 2, 2)
     confident = torch.tensor([[[[9.0]], [[-9.0]]]]).expand(1, 2, 2, 2)
-    assert S.focal_loss(confident, target) < 1e-6 < S.focal_loss(-confident, target)
+    assert segmentation.focal_loss(confident, target) < 1e-6 < segmentation.focal_loss(-confident, target)
 
 
 # --- DRAEM-style generator -----------------------------------------------------------------------
@@ -458,9 +455,15 @@ def test_evaluate_end_to_end(demo_dataset_master, standin, tmp_path):
     for src in parser.srcs:
         assert not Path(src).is_absolute() and ".." not in src and (out / src).is_file(), src
 
+    # Rerun: every result comes from the cache. A deterministic recompute would give the same metrics,
+    # so what proves reuse is that no cached file was written again (same inode and mtime).
     first = (out / "metrics.json").read_text()
-    proc = run_script("evaluate.py", *args, check=True)  # rerun: everything from the cache
+    stamps = lambda: {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "work").rglob("*") if p.is_file()}  # noqa: E731
+    before = stamps()
+    assert len(before) >= 2 * 4, sorted(before)  # results of both classes' settings are cached
+    proc = run_script("evaluate.py", *args, check=True)
     assert "bottle (a)" not in proc.stderr and (out / "metrics.json").read_text() == first
+    assert stamps() == before
 
 
 # --- protocols -----------------------------------------------------------------------------------
@@ -485,16 +488,16 @@ def test_split_rounding_per_protocol(seven_per_type):
         for defect in ("broken", "thread"):
             assert [s.image.name for s in split.generator_train[defect]] == names[:n_first]  # sorted by file name
             assert [s.image.name for s in split.test_anomalies[defect]] == names[n_first:]
-    assert P.PROTOCOLS["mvpdiff"].split_rounding == "ceil"
-    assert P.PROTOCOLS["anomalydiffusion"].split_rounding == P.PROTOCOLS["seas"].split_rounding == "floor"
+    assert pipeline.PROTOCOLS["mvpdiff"].split_rounding == "ceil"
+    assert pipeline.PROTOCOLS["anomalydiffusion"].split_rounding == pipeline.PROTOCOLS["seas"].split_rounding == "floor"
 
 
 def test_draem_unet_and_init_match_the_reference():
-    assert sum(p.numel() for p in S.DiscriminativeUNet(3, 2, 64, "draem").parameters()) == 28_372_418  # DRAEM's 28.4 M
-    assert sum(p.numel() for p in S.DiscriminativeUNet(3, 2, 64, "wide").parameters()) == 36_892_034
-    net = S.DiscriminativeUNet(3, 2, 16, "draem")
+    assert sum(p.numel() for p in segmentation.DiscriminativeUNet(3, 2, 64, "draem").parameters()) == 28_372_418  # DRAEM's 28.4 M
+    assert sum(p.numel() for p in segmentation.DiscriminativeUNet(3, 2, 64, "wide").parameters()) == 36_892_034
+    net = segmentation.DiscriminativeUNet(3, 2, 16, "draem")
     assert net(torch.rand(1, 3, 64, 64)).shape == (1, 2, 64, 64)
-    net.apply(S.draem_init)
+    net.apply(segmentation.draem_init)
     conv = torch.cat([m.weight.flatten() for m in net.modules() if isinstance(m, torch.nn.Conv2d)])
     assert abs(conv.mean().item()) < 1e-3 and conv.std().item() == pytest.approx(0.02, rel=0.05)
 
@@ -505,12 +508,12 @@ def test_image_score_pooling_matches_a_direct_average():
     maps[1, 5, 7] = 50.0  # one hot pixel: the raw max sees it, a 21x21 mean dilutes it
     padded = np.pad(maps, ((0, 0), (10, 10), (10, 10)))
     direct = [max(padded[i, y : y + 21, x : x + 21].sum() / 441 for y in range(32) for x in range(32)) for i in range(3)]
-    assert S.image_scores(maps, 21) == pytest.approx(direct, rel=1e-5)
-    assert S.image_scores(maps, 1) == pytest.approx(maps.reshape(3, -1).max(1))
+    assert segmentation.image_scores(maps, 21) == pytest.approx(direct, rel=1e-5)
+    assert segmentation.image_scores(maps, 1) == pytest.approx(maps.reshape(3, -1).max(1))
 
 
 def test_budget_flags_are_overrides():
-    protocol, changed = P.PROTOCOLS["anomalydiffusion"].with_budget(epochs=2, image_size=256, base_channels=None)
+    protocol, changed = pipeline.PROTOCOLS["anomalydiffusion"].with_budget(epochs=2, image_size=256, base_channels=None)
     assert changed == {"epochs": (200, 2)} and protocol.epochs == 2 and protocol.steps_per_epoch == 63
 
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, assert_user_error, run_script
 
 # A small model of the same layout, so that the builder's files are written and loaded in seconds.

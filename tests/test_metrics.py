@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import jaccard_score, precision_recall_curve
 
-from mvp_diff.evaluation import metrics as M
+from mvp_diff.evaluation import metrics
 
 
 def _blobs(rng, n=4, h=16, w=14):
@@ -50,7 +50,7 @@ def _brute_aupro(maps, masks, limit):
 @pytest.mark.parametrize("limit", [0.3, 0.05])
 def test_aupro_matches_brute_force(seed, limit):
     maps, masks = _blobs(np.random.default_rng(seed))
-    assert M.aupro(maps, masks, fpr_limit=limit) == pytest.approx(_brute_aupro(maps, masks, limit), abs=1e-3)
+    assert metrics.aupro(maps, masks, fpr_limit=limit) == pytest.approx(_brute_aupro(maps, masks, limit), abs=1e-3)
 
 
 def test_aupro_hand_computed():
@@ -58,17 +58,17 @@ def test_aupro_hand_computed():
     masks[0, 0, 0] = True  # region A: 1 pixel
     masks[0, 2:4, 2:4] = True  # region B: 4 pixels
     perfect = masks.astype(float)
-    assert M.aupro(perfect, masks) == pytest.approx(1.0)
-    assert M.aupro(1 - perfect, masks) == pytest.approx(0.0)
+    assert metrics.aupro(perfect, masks) == pytest.approx(1.0)
+    assert metrics.aupro(1 - perfect, masks) == pytest.approx(0.0)
     # A found first (PRO 1/2 at FPR 0), then 2 of 11 defect-free pixels (FPR 2/11), then B: the
     # curve is flat at 1/2 up to 2/11 and 1 after, regions weigh alike whatever their size
     maps = np.zeros((1, 4, 4))
     maps[0, 0, 0], maps[0, 0, 2:4], maps[0, 2:4, 2:4] = 1.0, 0.9, 0.8
     expected = (0.5 * 2 / 11 + 1.0 * (0.3 - 2 / 11)) / 0.3  # the vertical step adds no area
-    assert M.aupro(maps, masks) == pytest.approx(expected)
-    assert math.isnan(M.aupro(maps, np.zeros_like(masks)))
+    assert metrics.aupro(maps, masks) == pytest.approx(expected)
+    assert math.isnan(metrics.aupro(maps, np.zeros_like(masks)))
     with pytest.raises(ValueError):
-        M.aupro(maps, masks, fpr_limit=1.5)
+        metrics.aupro(maps, masks, fpr_limit=1.5)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -78,17 +78,17 @@ def test_per_image_best_iou_matches_brute_force(seed):
     for image, mask in zip(maps, masks):
         if mask.any():  # defect-free images take no part
             expected.append(max(jaccard_score(mask.ravel(), image.ravel() >= t) for t in np.unique(image)))
-    assert M.per_image_best_iou(maps, masks) == pytest.approx(np.mean(expected))
+    assert metrics.per_image_best_iou(maps, masks) == pytest.approx(np.mean(expected))
     maps[-1] = 1.0  # a defect-free image scored as all defect changes nothing
-    assert M.per_image_best_iou(maps, masks) == pytest.approx(np.mean(expected))
+    assert metrics.per_image_best_iou(maps, masks) == pytest.approx(np.mean(expected))
 
 
 def test_per_image_best_iou_hand_computed():
     masks = np.array([[[1, 1, 0, 0]], [[0, 0, 0, 1]], [[0, 0, 0, 0]]], bool)
     maps = np.array([[[0.9, 0.5, 0.7, 0.1]], [[0.2, 0.2, 0.2, 0.2]], [[0.0, 0.0, 0.0, 0.0]]])
     # image 0: >= 0.9 gives 1/2, >= 0.7 gives 1/3, >= 0.5 gives 2/3; image 1: all tie, 1/4
-    assert M.per_image_best_iou(maps, masks) == pytest.approx((2 / 3 + 1 / 4) / 2)
-    assert math.isnan(M.per_image_best_iou(maps, np.zeros_like(masks)))
+    assert metrics.per_image_best_iou(maps, masks) == pytest.approx((2 / 3 + 1 / 4) / 2)
+    assert math.isnan(metrics.per_image_best_iou(maps, np.zeros_like(masks)))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -98,14 +98,14 @@ def test_image_f1_max_matches_sklearn(seed):
     scores = np.round(rng.random(40) + 0.3 * labels, 1)
     precision, recall, _ = precision_recall_curve(labels, scores)
     f1 = 2 * precision * recall / (precision + recall)
-    assert M.image_f1_max(labels, scores) == pytest.approx(np.max(f1[np.isfinite(f1)]))
+    assert metrics.image_f1_max(labels, scores) == pytest.approx(np.max(f1[np.isfinite(f1)]))
 
 
 def test_pooled_iou_at_f1_max_is_f1_over_two_minus_f1():
     maps, masks = _blobs(np.random.default_rng(5))
-    out = M.segmentation_metrics(maps, masks)
+    out = metrics.segmentation_metrics(maps, masks)
     f1 = out["pixel_f1_max"]
     assert out["iou"] == pytest.approx(f1 / (2 - f1))
-    assert out["aupro"] == pytest.approx(M.aupro(maps, masks))
-    assert out["per_image_iou"] == pytest.approx(M.per_image_best_iou(maps, masks))
-    assert out["image_f1_max"] == pytest.approx(M.image_f1_max(masks.any((1, 2)), maps.max((1, 2))))
+    assert out["aupro"] == pytest.approx(metrics.aupro(maps, masks))
+    assert out["per_image_iou"] == pytest.approx(metrics.per_image_best_iou(maps, masks))
+    assert out["image_f1_max"] == pytest.approx(metrics.image_f1_max(masks.any((1, 2)), maps.max((1, 2))))

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO, assert_user_error, run_script
 
 import boundbox
 import evaluate
@@ -19,7 +20,6 @@ import inpainting
 import location_describer
 import random_box
 import train_diffusion
-from conftest import REPO, assert_user_error, run_script
 from mvp_diff import files
 from mvp_diff.errors import UserError
 from mvp_diff.evaluation.standin import build_standin

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_user_error, dataset_listing, run_script
 from PIL import Image
 
-from conftest import assert_user_error, dataset_listing, run_script
 from mvp_diff.boxes import box_mask, boxes_from_mask
 from mvp_diff.dataset import load_class, record_path, split_anomalies
 from mvp_diff.errors import UsageError, UserError

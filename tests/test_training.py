@@ -10,15 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, assert_user_error, run_script
 from safetensors.torch import load_file
 
-from conftest import REPO, assert_user_error, run_script
+from mvp_diff.training_inputs import seed_training_args
 
 LORA = "pytorch_lora_weights.safetensors"
-SEED_FLAGS = ("--pretrained_model_name_or_path checkpoints/inpainting --train_data_dir ./dataset/bottle --train_batch_size 6 "
-              "--gradient_accumulation_steps 4 --num_train_epochs 1000 --checkpointing_steps 500 --learning_rate 1e-07 "
-              "--lr_scheduler constant --seed 0 --validation_epochs 100 --validation_file ./script/bottle/bottle_test.jsonl "
-              "--output_dir ./output --prediction_type epsilon --scale_lr --snr_gamma 10").split()
+SEED_FLAGS = seed_training_args("bottle")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +87,7 @@ def test_sample_stream_shards_and_wraps():
     """Ranks take disjoint slices of one global batch and together get what one process gets; a batch
     larger than the data wraps around the epoch's order; every draw is a pure function of its indices."""
     from mvp_diff.latent_cache import LatentCache
-    from mvp_diff.training import SampleStream
+    from mvp_diff.sample_stream import SampleStream
 
     n, shape = 5, (4, 2, 2)
     g = torch.Generator().manual_seed(0)
@@ -132,7 +130,7 @@ def test_latent_cache_matches_encoding_every_step(workdir):
     masked = init * (mask_condition < 0.5)
     assert 0 < mask_condition.mean() < 0.5
     for variant, dims in ((0, ()), (1, (-1,))):
-        flip = (lambda t: t.flip(dims)) if dims else (lambda t: t)
+        flip = (lambda t, dims=dims: t.flip(dims)) if dims else (lambda t: t)
         with torch.no_grad():
             want_latents = pipe.vae.encode(flip(init)).latent_dist.sample(torch.Generator().manual_seed(1)) * pipe.vae.config.scaling_factor
             want_masked = pipe.vae.encode(flip(masked)).latent_dist.sample(torch.Generator().manual_seed(2)) * pipe.vae.config.scaling_factor
@@ -143,6 +141,14 @@ def test_latent_cache_matches_encoding_every_step(workdir):
         assert torch.allclose(masked_latents, want_masked, atol=1e-5)
         assert torch.equal(mask_latent, torch.nn.functional.interpolate(flip(mask_condition), size=shape[1:]))
     assert torch.allclose(text[0], pipe.encode_prompt(record["text"], "cpu", 1, False)[0][0], atol=1e-6)
+
+
+def test_readme_shows_the_seed_command():
+    """The README's literal Stage 2 command is the one train_diffusion.sh and the demo run."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("python train_diffusion.py --pretrained_model_name_or_path checkpoints/inpainting")
+    command = readme[start : readme.index("\n\n", start)].replace("\\", " ").split()
+    assert command[2:] == SEED_FLAGS
 
 
 def test_train_diffusion_sh_runs_the_seed_command(tmp_path):
@@ -317,7 +323,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir, tmp_path, ca
     proc = main_in_process(base_args(workdir, tmp_path, "--train_batch_size", 2, "--learning_rate", "1e30", "--max_train_steps", 5,
                                      "--checkpointing_steps", 1), capsys)
     out = tmp_path / "bottle"
-    assert_user_error(proc, 1, "at step 2", str(out / "checkpoint-1"), "--resume_from_checkpoint latest")
+    assert_user_error(proc, 1, "at step 2", str(out / "checkpoint-1"), "--resume_from_checkpoint latest", after_progress=True)
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"] and not (out / LORA).exists()
     assert not list(out.glob(".checkpoint-*"))
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_script
 from PIL import Image
 
 import evaluate
@@ -17,7 +18,6 @@ import inpainting
 import location_describer
 import random_box
 import train_diffusion
-from conftest import run_script
 from mvp_diff import untrusted
 from mvp_diff.errors import UserError
 from mvp_diff.evaluation.standin import build_standin

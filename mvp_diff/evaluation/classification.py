@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from . import quality as Q
+from .quality import hub_checkpoint, load_images, require_weights
 
 RESNET34 = ("resnet34-b627a593.pth", "https://download.pytorch.org/models/resnet34-b627a593.pth")
 
@@ -21,8 +21,8 @@ def load_resnet34(num_classes, testing=False):
     torch.manual_seed(0)
     model = resnet34()
     if not testing:
-        Q.require_weights(need_is=False, extra=[RESNET34])
-        model.load_state_dict(torch.load(Q.hub_checkpoint(RESNET34[0]), map_location="cpu", weights_only=True))
+        require_weights(need_is=False, extra=[RESNET34])
+        model.load_state_dict(torch.load(hub_checkpoint(RESNET34[0]), map_location="cpu", weights_only=True))
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
 
@@ -30,7 +30,7 @@ def load_resnet34(num_classes, testing=False):
 def _tensors(files_by_type, types, size):
     images, labels = [], []
     for label, defect in enumerate(types):
-        loaded = Q.load_images(files_by_type.get(defect, []), size)
+        loaded = load_images(files_by_type.get(defect, []), size)
         images.append(loaded)
         labels += [label] * len(loaded)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet normalisation, as torchvision's weights expect

@@ -20,11 +20,25 @@ from ..checkpoint import is_offline
 from ..draem import synthesize
 from ..errors import UserError
 from ..files import read_mask, read_rgb, save_image
-from . import quality as Q
 from .cache import reuse_or_compute
 from .classification import RESNET34, classification_accuracy
 from .data import Sample, check_no_leak, first_share, has_box, load_generated, read_box_mask, real_split
 from .protocols import PROTOCOLS, Protocol
+from .quality import (
+    IC_LPIPS_KEYS,
+    IS_SIZE,
+    LPIPS_NETS,
+    SEAS_CLUSTER_CAP,
+    SEAS_IMAGES,
+    LpipsMatrix,
+    ic_lpips_dfmgan,
+    ic_lpips_ojha,
+    inception_score,
+    load_images,
+    load_lpips,
+    nanmean,
+    require_weights,
+)
 from .results import ClassResult, EvaluationResult, QualityResult, SegmentationResult, SettingResult
 from .segmentation import PairDataset, TrainConfig, all_metrics, evaluate_model, predict, train_model
 
@@ -92,8 +106,8 @@ def train_config(protocol: Protocol, **kwargs):
 def lpips_nets(cfg):
     """{IC-LPIPS variant: backbone}: each reference script's own unless --lpips_net forces one."""
     if cfg.lpips_net == "auto":
-        return dict(Q.LPIPS_NETS)
-    return dict.fromkeys(Q.LPIPS_NETS, cfg.lpips_net)
+        return dict(LPIPS_NETS)
+    return dict.fromkeys(LPIPS_NETS, cfg.lpips_net)
 
 
 def versions():
@@ -131,28 +145,28 @@ class _Lpips:
 
     def distance(self, net):
         if net not in self.models:
-            model = Q.load_lpips(net, self.cfg.device, self.cfg.testing, offline=is_offline(self.cfg.local_files_only))
-            self.models[net] = Q.LpipsMatrix(model, self.cfg.device, self.cfg.quality_batch_size)
+            model = load_lpips(net, self.cfg.device, self.cfg.testing, offline=is_offline(self.cfg.local_files_only))
+            self.models[net] = LpipsMatrix(model, self.cfg.device, self.cfg.quality_batch_size)
         return self.models[net]
 
 
 def quality_row(cfg, defect, files, real_train, real_all, lpips_cache):
     """IS and the three IC-LPIPS variants of one defect type's generated images."""
     nets = lpips_nets(cfg)
-    is_mean, is_std, splits = Q.inception_score(
+    is_mean, is_std, splits = inception_score(
         files, cfg.device, cfg.quality_batch_size, cfg.isc_splits, cfg.inception_weights, cfg.testing, num_workers=cfg.train.num_workers
     )
-    row = {"n": len(files), "is": is_mean, "is_std": is_std, "is_splits": splits} | dict.fromkeys(Q.IC_LPIPS_KEYS.values(), math.nan)
+    row = {"n": len(files), "is": is_mean, "is_std": is_std, "is_splits": splits} | dict.fromkeys(IC_LPIPS_KEYS.values(), math.nan)
     if real_all:
-        gen = Q.load_images(files, cfg.lpips_size, desc=f"{defect}: generated")
-        real = Q.load_images(real_all, cfg.lpips_size)
+        gen = load_images(files, cfg.lpips_size, desc=f"{defect}: generated")
+        real = load_images(real_all, cfg.lpips_size)
         rng = np.random.default_rng([cfg.seed, zlib.crc32(defect.encode())])
-        row["ic_lpips_ojha"], _, row["clusters_ojha"] = Q.ic_lpips_ojha(
-            lpips_cache.distance(nets["ojha"]), gen, Q.load_images(real_train, cfg.lpips_size), rng, cfg.ic_cluster_size
+        row["ic_lpips_ojha"], _, row["clusters_ojha"] = ic_lpips_ojha(
+            lpips_cache.distance(nets["ojha"]), gen, load_images(real_train, cfg.lpips_size), rng, cfg.ic_cluster_size
         )
-        row["ic_lpips_dfmgan"], _, row["clusters_dfmgan"] = Q.ic_lpips_dfmgan(lpips_cache.distance(nets["dfmgan"]), gen, real, cfg.ic_cluster_cap)
-        row["ic_lpips_seas"], _, row["clusters_seas"] = Q.ic_lpips_dfmgan(
-            lpips_cache.distance(nets["seas"]), gen[: Q.SEAS_IMAGES], real, Q.SEAS_CLUSTER_CAP
+        row["ic_lpips_dfmgan"], _, row["clusters_dfmgan"] = ic_lpips_dfmgan(lpips_cache.distance(nets["dfmgan"]), gen, real, cfg.ic_cluster_cap)
+        row["ic_lpips_seas"], _, row["clusters_seas"] = ic_lpips_dfmgan(
+            lpips_cache.distance(nets["seas"]), gen[: SEAS_IMAGES], real, SEAS_CLUSTER_CAP
         )
     return row
 
@@ -165,12 +179,12 @@ def quality_for_class(cfg, split, generated, work, lpips_cache, notes):
         real_train = [s.image for s in split.generator_train.get(defect, [])]
         real_all = [a.image for a in split.class_data.anomalies.get(defect, [])]
         files = [s.image for s in samples]
-        inputs = {**params, "nets": nets, "defect": defect, "real_train": [str(p) for p in real_train], "is_size": Q.IS_SIZE}
+        inputs = {**params, "nets": nets, "defect": defect, "real_train": [str(p) for p in real_train], "is_size": IS_SIZE}
         compute = functools.partial(quality_row, cfg, defect, files, real_train, real_all, lpips_cache)
         rows[defect] = reuse_or_compute(work / "quality" / f"{defect}.json", inputs, files + real_all, compute)
         if not real_all:
             notes.append(f"{split.class_data.name}/{defect}: no real anomalies of this type; IC-LPIPS skipped for it")
-    mean = {k: Q.nanmean([r[k] for r in rows.values()]) for k in ("is", *Q.IC_LPIPS_KEYS.values())}
+    mean = {k: nanmean([r[k] for r in rows.values()]) for k in ("is", *IC_LPIPS_KEYS.values())}
     mean["n"] = sum(r["n"] for r in rows.values())
     return QualityResult(per_defect=rows, mean=mean, lpips_nets=nets)
 
@@ -363,7 +377,7 @@ def check_weights(cfg):
     """Fail before any work when the quality part needs weights that are not there."""
     if cfg.generated and not cfg.testing and {"quality", "classification"} & set(cfg.parts):
         quality = "quality" in cfg.parts
-        Q.require_weights(quality, set(lpips_nets(cfg).values()) if quality else (), cfg.inception_weights,
+        require_weights(quality, set(lpips_nets(cfg).values()) if quality else (), cfg.inception_weights,
                           [RESNET34] if "classification" in cfg.parts else [], offline=is_offline(cfg.local_files_only))  # fmt: skip
 
 
@@ -422,7 +436,7 @@ def class_means(classes):
                 quality.setdefault(g, {}).setdefault(metric, []).append(value)
         for g, r in (c.classification or {}).items():
             quality.setdefault(g, {}).setdefault("classification_accuracy", []).append(r["accuracy"])
-    mean = lambda d: {k: {m: Q.nanmean(v) for m, v in rows.items()} for k, rows in d.items()}  # noqa: E731
+    mean = lambda d: {k: {m: nanmean(v) for m, v in rows.items()} for k, rows in d.items()}  # noqa: E731
     return {"classes": len(classes), "segmentation": mean(seg), "quality": mean(quality)}
 
 
@@ -469,7 +483,7 @@ def evaluate(cfg: EvalConfig):
         "settings": {k: SETTINGS[k] for k in cfg.settings},
         "generators": list(cfg.generated),
         "isc_splits": cfg.isc_splits,
-        "is_size": Q.IS_SIZE,
+        "is_size": IS_SIZE,
         "lpips_size": cfg.lpips_size,
         "lpips_nets": lpips_nets(cfg),
         "ic_cluster_size": cfg.ic_cluster_size,

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from ..progress import progress_bar
 
 from ..errors import UserError
 from ..files import read_rgb
+from ..progress import progress_bar
 
 TESTING_EXTRACTOR = "mvp-diff-random-testing"
 LPIPS_NETS = {"ojha": "vgg", "dfmgan": "alex", "seas": "vgg"}  # each variant's reference script's backbone

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from . import quality as Q
 from .pipeline import SETTINGS
 from .protocols import PUBLISHED_QUALITY
+from .quality import IC_LPIPS_KEYS, IC_LPIPS_SOURCES, SEAS_CLUSTER_CAP, SEAS_IMAGES
 from .results import EvaluationResult
 
 METRIC_LABELS = {
@@ -26,7 +26,7 @@ METRIC_LABELS = {
     "image_ap": "image AP",
     "image_f1_max": "image F1-max",
 }
-QUALITY_LABELS = {"is": "IS (256 px)"} | {key: f"IC-LPIPS ({Q.IC_LPIPS_SOURCES[v]})" for v, key in Q.IC_LPIPS_KEYS.items()}
+QUALITY_LABELS = {"is": "IS (256 px)"} | {key: f"IC-LPIPS ({IC_LPIPS_SOURCES[v]})" for v, key in IC_LPIPS_KEYS.items()}
 
 
 def _missing(value):
@@ -94,11 +94,11 @@ def quality_table(quality, classification):
 def quality_per_defect(quality):
     rows = [
         [g, d, r["n"], f"{_num(r['is'], 2)} ± {_num(r['is_std'], 2)} ({r['is_splits']} split{'s' if r['is_splits'] > 1 else ''})"]
-        + [_num(r.get(key), 3) for key in Q.IC_LPIPS_KEYS.values()]
+        + [_num(r.get(key), 3) for key in IC_LPIPS_KEYS.values()]
         for g, q in quality.items()
         for d, r in q.per_defect.items()
     ]
-    return _table(["generator", "defect type", "generated", "IS (256 px)"] + [QUALITY_LABELS[k] for k in Q.IC_LPIPS_KEYS.values()], rows)
+    return _table(["generator", "defect type", "generated", "IS (256 px)"] + [QUALITY_LABELS[k] for k in IC_LPIPS_KEYS.values()], rows)
 
 
 def write_plot(path, classes, metric, protocol_name):
@@ -259,7 +259,7 @@ def write_report(out, results: EvaluationResult):
         f"- IC-LPIPS at {protocol['lpips_size']}x{protocol['lpips_size']}: Ojha et al. (feat_cluster.py): clusters = generator-train anomalies, "
         f"nearest by LPIPS ({protocol['lpips_nets']['ojha']}), {protocol['ic_cluster_size']} random per cluster, NaN-mean over clusters; "
         f"DFMGAN (metrics/lpips.py): clusters = all real anomalies of the type, first {protocol['ic_cluster_cap']} per cluster, clusters under "
-        f"two images count 0 ({protocol['lpips_nets']['dfmgan']}); SeaS: DFMGAN's rule, cap {Q.SEAS_CLUSTER_CAP}, first {Q.SEAS_IMAGES} images "
+        f"two images count 0 ({protocol['lpips_nets']['dfmgan']}); SeaS: DFMGAN's rule, cap {SEAS_CLUSTER_CAP}, first {SEAS_IMAGES} images "
         f"({protocol['lpips_nets']['seas']}).",
         f"- Defect-type accuracy: AnomalyDiffusion's train-classification.py: ImageNet ResNet-34, new last layer, trained on the generated "
         f"images of each type ({protocol['classify_epochs']} epochs, Adam 1e-4, batch 8), tested on the held-out real anomalies; last epoch.",

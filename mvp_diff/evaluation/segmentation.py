@@ -24,12 +24,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from ..progress import progress_bar
 
 from ..files import read_mask, read_rgb
-from . import metrics as M
+from ..progress import progress_bar
 from .data import read_box_mask
-
+from .metrics import aupro, auroc, average_precision, f1_max, image_f1_max, per_image_best_iou, segmentation_metrics
 
 # --- model ---------------------------------------------------------------------------------------
 
@@ -260,8 +259,8 @@ def train_model(good_set, anomaly_set, val_set, cfg: TrainConfig, desc="train", 
             model.train()
         if end_of_epoch == 0 and can_select and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
             maps = predict(model, val_set, cfg, desc="validate")
-            ap = M.average_precision(maps, val_set.masks)
-            _, threshold, _ = M.f1_max(maps, val_set.masks)
+            ap = average_precision(maps, val_set.masks)
+            _, threshold, _ = f1_max(maps, val_set.masks)
             history.append({"epoch": epoch, "val_pixel_ap": ap})
             if best_state is None or ap > best["val_pixel_ap"]:
                 best = {"epoch": epoch, "val_pixel_ap": ap, "val_threshold": threshold}
@@ -284,13 +283,13 @@ def image_scores(maps, pool=1):
 
 def all_metrics(maps, masks, labels, pool=1, val_threshold=None):
     """Every metric the protocols print, for one set of maps."""
-    out = M.segmentation_metrics(maps, masks, labels, val_threshold)
+    out = segmentation_metrics(maps, masks, labels, val_threshold)
     scores = image_scores(maps, pool)
-    out["image_auroc"] = M.auroc(scores, labels)
-    out["image_ap"] = M.average_precision(scores, labels)
-    out["image_f1_max"] = M.image_f1_max(labels, scores)
-    out["aupro"] = M.aupro(maps, masks)
-    out["iou_per_image"] = M.per_image_best_iou(maps[labels], masks[labels]) if labels.any() else math.nan
+    out["image_auroc"] = auroc(scores, labels)
+    out["image_ap"] = average_precision(scores, labels)
+    out["image_f1_max"] = image_f1_max(labels, scores)
+    out["aupro"] = aupro(maps, masks)
+    out["iou_per_image"] = per_image_best_iou(maps[labels], masks[labels]) if labels.any() else math.nan
     return out
 
 
