@@ -294,13 +294,34 @@ def log_step(accelerator, log_with, loss_csv, progress, step, epoch, loss, lr):
             accelerator.log({"train_loss": loss, "lr": lr}, step=step)
 
 
+def prepare_models(args, inputs, accelerator, say):
+    """The frozen models on one dtype (half precision under mixed precision) with the float32 LoRA
+    added to the UNet, the DDPM noise scheduler training adds noise with, and the latent cache of the
+    train records: (models, noise_scheduler, LoRA params, cache, weight variant, flip variants)."""
+    from diffusers import DDPMScheduler
+
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    variant = args.variant or pick_variant(inputs.checkpoint, weight_dtype)
+    models = load_components(inputs.checkpoint, variant, weight_dtype, device)
+    noise_scheduler = DDPMScheduler.from_config(models["scheduler"].config)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    params = prepare_lora_unet(models["unet"], args.rank, args.gradient_checkpointing)
+    variants = flip_variants(args.random_hflip, args.random_vflip)
+    say(f"encoding {len(inputs.train)} training records x {len(variants)} flip variant(s) once with the frozen VAE and text encoder")
+    cache = build_latent_cache(models["vae"], models["text_encoder"], models["tokenizer"], [(e.image, e.bbox_mask) for e in inputs.train],
+                               [e.text for e in inputs.train], args.resolution, variants, device, weight_dtype,
+                               num_workers=args.dataloader_num_workers, progress=accelerator.is_local_main_process)
+    return models, noise_scheduler, params, cache, variant, variants
+
+
 def train(args):
     """Run Stage 2 as configured by train_diffusion.py's flags; returns the trained (unwrapped) UNet.
     Setup (models, latent cache, optimizer, resume), then the loop, then the final LoRA file."""
     inputs = prepare_inputs(args)  # every input error before the heavy imports and model loading
     out_dir = inputs.out_dir
     from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler
 
     accelerator, log_with = make_accelerator(args, out_dir)
     is_main, device = accelerator.is_main_process, accelerator.device
@@ -312,21 +333,8 @@ def train(args):
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out_dir)
 
-    # Frozen weights, all on one dtype (half precision under mixed precision); the trainable LoRA weights stay float32.
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    variant = args.variant or pick_variant(inputs.checkpoint, weight_dtype)
-    models = load_components(inputs.checkpoint, variant, weight_dtype, device)
+    models, noise_scheduler, params, cache, variant, variants = prepare_models(args, inputs, accelerator, say)
     unet = models["unet"]
-    noise_scheduler = DDPMScheduler.from_config(models["scheduler"].config)  # training adds noise the DDPM way
-    if args.prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    params = prepare_lora_unet(unet, args.rank, args.gradient_checkpointing)
-
-    variants = flip_variants(args.random_hflip, args.random_vflip)
-    say(f"encoding {len(inputs.train)} training records x {len(variants)} flip variant(s) once with the frozen VAE and text encoder")
-    cache = build_latent_cache(models["vae"], models["text_encoder"], models["tokenizer"], [(e.image, e.bbox_mask) for e in inputs.train],
-                               [e.text for e in inputs.train], args.resolution, variants, device, weight_dtype,
-                               num_workers=args.dataloader_num_workers, progress=accelerator.is_local_main_process)
     num_processes, rank, accum = accelerator.num_processes, accelerator.process_index, args.gradient_accumulation_steps
     stream = SampleStream(args.seed, cache.num_records, args.train_batch_size * num_processes, cache.latent_shape, len(variants),
                           noise_scheduler.config.num_train_timesteps, args.noise_offset)

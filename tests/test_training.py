@@ -282,7 +282,7 @@ def test_full_disk_during_a_checkpoint_leaves_no_partial_checkpoint(workdir, tmp
     monkeypatch.setattr(Accelerator, "save_state", full_disk)
     proc = main_in_process(base_args(workdir, tmp_path, "--train_batch_size", 2, "--max_train_steps", 3, "--checkpointing_steps", 1), capsys)
     out = tmp_path / "bottle"
-    assert_user_error(proc, 1, str(out / "checkpoint-2"), "No space left on device", "--resume_from_checkpoint latest")
+    assert_user_error(proc, 1, str(out / "checkpoint-2"), "No space left on device", "--resume_from_checkpoint latest", after_progress=True)
     assert [p.name for p in out.glob("*checkpoint-*")] == ["checkpoint-1"] and not (out / LORA).exists()
 
 

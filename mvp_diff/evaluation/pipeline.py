@@ -11,7 +11,6 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
@@ -19,27 +18,19 @@ from .. import __version__
 from ..checkpoint import is_offline
 from ..draem import synthesize
 from ..errors import UserError
-from ..files import read_mask, read_rgb, save_image
+from ..files import read_mask
 from .cache import reuse_or_compute
 from .classification import RESNET34, classification_accuracy
-from .data import Sample, check_no_leak, first_share, has_box, load_generated, read_box_mask, real_split
+from .data import Sample, check_no_leak, first_share, has_box, load_generated, real_split
+from .gallery import gallery_for_class
+from .generation_quality import Lpips, lpips_nets, quality_for_class
 from .protocols import PROTOCOLS, Protocol
 from .quality import (
-    IC_LPIPS_KEYS,
     IS_SIZE,
-    LPIPS_NETS,
-    SEAS_CLUSTER_CAP,
-    SEAS_IMAGES,
-    LpipsMatrix,
-    ic_lpips_dfmgan,
-    ic_lpips_ojha,
-    inception_score,
-    load_images,
-    load_lpips,
     nanmean,
     require_weights,
 )
-from .results import ClassResult, EvaluationResult, QualityResult, SegmentationResult, SettingResult
+from .results import ClassResult, EvaluationResult, SegmentationResult, SettingResult
 from .segmentation import PairDataset, TrainConfig, all_metrics, evaluate_model, predict, train_model
 
 SETTINGS = {
@@ -103,13 +94,6 @@ def train_config(protocol: Protocol, **kwargs):
     )  # fmt: skip
 
 
-def lpips_nets(cfg):
-    """{IC-LPIPS variant: backbone}: each reference script's own unless --lpips_net forces one."""
-    if cfg.lpips_net == "auto":
-        return dict(LPIPS_NETS)
-    return dict.fromkeys(LPIPS_NETS, cfg.lpips_net)
-
-
 def versions():
     from importlib.metadata import PackageNotFoundError, version
 
@@ -132,61 +116,6 @@ def versions():
         "numpy": np.__version__,
         "scikit-learn": sklearn.__version__,
     }
-
-
-# --- quality -------------------------------------------------------------------------------------
-
-
-class _Lpips:
-    """LPIPS networks built once per run."""
-
-    def __init__(self, cfg):
-        self.cfg, self.models = cfg, {}
-
-    def distance(self, net):
-        if net not in self.models:
-            model = load_lpips(net, self.cfg.device, self.cfg.testing, offline=is_offline(self.cfg.local_files_only))
-            self.models[net] = LpipsMatrix(model, self.cfg.device, self.cfg.quality_batch_size)
-        return self.models[net]
-
-
-def quality_row(cfg, defect, files, real_train, real_all, lpips_cache):
-    """IS and the three IC-LPIPS variants of one defect type's generated images."""
-    nets = lpips_nets(cfg)
-    is_mean, is_std, splits = inception_score(
-        files, cfg.device, cfg.quality_batch_size, cfg.isc_splits, cfg.inception_weights, cfg.testing, num_workers=cfg.train.num_workers
-    )
-    row = {"n": len(files), "is": is_mean, "is_std": is_std, "is_splits": splits} | dict.fromkeys(IC_LPIPS_KEYS.values(), math.nan)
-    if real_all:
-        gen = load_images(files, cfg.lpips_size, desc=f"{defect}: generated")
-        real = load_images(real_all, cfg.lpips_size)
-        rng = np.random.default_rng([cfg.seed, zlib.crc32(defect.encode())])
-        row["ic_lpips_ojha"], _, row["clusters_ojha"] = ic_lpips_ojha(
-            lpips_cache.distance(nets["ojha"]), gen, load_images(real_train, cfg.lpips_size), rng, cfg.ic_cluster_size
-        )
-        row["ic_lpips_dfmgan"], _, row["clusters_dfmgan"] = ic_lpips_dfmgan(lpips_cache.distance(nets["dfmgan"]), gen, real, cfg.ic_cluster_cap)
-        row["ic_lpips_seas"], _, row["clusters_seas"] = ic_lpips_dfmgan(
-            lpips_cache.distance(nets["seas"]), gen[: SEAS_IMAGES], real, SEAS_CLUSTER_CAP
-        )
-    return row
-
-
-def quality_for_class(cfg, split, generated, work, lpips_cache, notes):
-    nets = lpips_nets(cfg)
-    params = {k: getattr(cfg, k) for k in ("isc_splits", "lpips_size", "ic_cluster_size", "ic_cluster_cap", "seed", "testing", "inception_weights")}
-    rows = {}
-    for defect, samples in generated.items():
-        real_train = [s.image for s in split.generator_train.get(defect, [])]
-        real_all = [a.image for a in split.class_data.anomalies.get(defect, [])]
-        files = [s.image for s in samples]
-        inputs = {**params, "nets": nets, "defect": defect, "real_train": [str(p) for p in real_train], "is_size": IS_SIZE}
-        compute = functools.partial(quality_row, cfg, defect, files, real_train, real_all, lpips_cache)
-        rows[defect] = reuse_or_compute(work / "quality" / f"{defect}.json", inputs, files + real_all, compute)
-        if not real_all:
-            notes.append(f"{split.class_data.name}/{defect}: no real anomalies of this type; IC-LPIPS skipped for it")
-    mean = {k: nanmean([r[k] for r in rows.values()]) for k in ("is", *IC_LPIPS_KEYS.values())}
-    mean["n"] = sum(r["n"] for r in rows.values())
-    return QualityResult(per_defect=rows, mean=mean, lpips_nets=nets)
 
 
 def classification_for_class(cfg, split, generated, path):
@@ -321,55 +250,6 @@ def segmentation_for_class(cfg, split, generated, work, notes):
     )
 
 
-# --- gallery -------------------------------------------------------------------------------------
-
-
-def _thumb(image, size=256):
-    h, w = image.shape[:2]
-    scale = size / max(h, w)
-    return cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA) if scale < 1 else image
-
-
-def overlay(image, mask, colour, fill=0.35):
-    """Image with the mask tinted and outlined in `colour` (RGB)."""
-    out = image.astype(np.float32)
-    out[mask] = out[mask] * (1 - fill) + np.array(colour, np.float32) * fill
-    out = out.astype(np.uint8)
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(out, contours, -1, tuple(int(c) for c in colour), max(1, round(max(mask.shape) / 256)))
-    return out
-
-
-def gallery_for_class(cfg, generated, out_dir):
-    """Write the gallery images of up to `gallery_n` samples (spread over defect types) and return
-    their entries with paths relative to out_dir."""
-    rng = np.random.default_rng([cfg.seed, 3])
-    queues = {d: [samples[i] for i in rng.permutation(len(samples))] for d, samples in sorted(generated.items())}
-    picked = []
-    while len(picked) < cfg.gallery_n and any(queues.values()):
-        for d in list(queues):
-            if queues[d] and len(picked) < cfg.gallery_n:
-                picked.append(queues[d].pop(0))
-    entries = []
-    for s in picked:
-        image = read_rgb(s.image)
-        mask = read_mask(s.mask)
-        stem = f"{s.defect_type}_{s.image.stem}"
-        folder = out_dir / "gallery" / s.image.parents[2].name
-        entry = {"defect_type": s.defect_type, "name": s.image.name, "prompt": s.prompt, "mask_area": int(mask.sum())}
-        files = {"image": _thumb(image), "mask": _thumb(overlay(image, mask, (255, 40, 40)))}
-        if has_box(s):
-            files["box"] = _thumb(overlay(image, read_box_mask(s), (40, 220, 40), fill=0.15))
-        if s.good_image is not None:
-            files["good"] = _thumb(read_rgb(s.good_image))
-        for kind, array in files.items():
-            path = folder / f"{stem}_{kind}.png"
-            save_image(path, array)
-            entry[kind] = path.relative_to(out_dir).as_posix()
-        entries.append(entry)
-    return entries
-
-
 # --- run -----------------------------------------------------------------------------------------
 
 
@@ -444,7 +324,7 @@ def evaluate(cfg: EvalConfig):
     check_weights(cfg)
     out = Path(cfg.out)
     protocol = cfg.protocol
-    lpips_cache = _Lpips(cfg)
+    lpips_cache = Lpips(cfg)
     # A protocol that selects no epoch on validation trains on the whole train side.
     val_fraction = cfg.val_fraction if protocol.selection == "validation" else 0.0
     classes = {}
