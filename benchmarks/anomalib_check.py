@@ -7,7 +7,7 @@ Needs anomalib, which the project does not depend on; it runs in its own environ
 
     python -m venv /path/anomalib-venv
     /path/anomalib-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 anomalib
-    /path/anomalib-venv/bin/python benchmarks/anomalib_check.py --classname bottle --dataset ./dataset \\
+    /path/anomalib-venv/bin/python -m benchmarks.anomalib_check --classname bottle --dataset ./dataset \\
         --stage1_dir ./script --generated ./output/dataset/image
 
 It imports nothing from mvp_diff (whose dependencies that environment lacks).
@@ -20,8 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from anomalib_rule import anomalib_mvtec_ad_samples  # noqa: E402
+from tests.anomalib_rule import anomalib_mvtec_ad_samples
 
 
 def defect_dirs(class_dir):

@@ -5,7 +5,7 @@ format): every component's config and fp32 weights, fp16 variant files beside th
 ships it (vocab.json, merges.txt and two configs; the tiny builder's vocabulary: ids only, speed and
 shapes are the same), the feature extractor and, optionally, the safety checker.
 
-    python benchmarks/full_size.py checkpoints/random_sd15_inpainting       # about 4.5 GB (fp32 + fp16)
+    python -m benchmarks.full_size checkpoints/random_sd15_inpainting       # about 4.5 GB (fp32 + fp16)
 
 UNet 859.5 M parameters (9 input channels), VAE 83.7 M, CLIP-L text encoder 123.1 M, safety checker
 (CLIP-L vision) 304.0 M.
@@ -13,11 +13,7 @@ UNet 859.5 M parameters (9 input channels), VAE 83.7 M, CLIP-L text encoder 123.
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # The release's configs (unet/config.json, vae/config.json, text_encoder/config.json).
 SD15_UNET = dict(in_channels=9, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,

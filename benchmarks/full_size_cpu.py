@@ -4,7 +4,7 @@ Stage 2 step and one Stage 3 image at 512 px through the top-level scripts (trai
 random_box.py, inpainting.py --extract_mask), each in its own process with its wall time and peak
 resident memory. Needs about 10 GB of memory and 10 GB of disk; minutes on a few cores.
 
-    OMP_NUM_THREADS=2 python benchmarks/full_size_cpu.py      # appends to benchmarks/results/full_size_cpu.md
+    OMP_NUM_THREADS=2 python -m benchmarks.full_size_cpu      # appends to benchmarks/results/full_size_cpu.md
 """
 
 import argparse
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+
 
 WORK = REPO / "benchmarks" / "_work" / "full_size_cpu"
 
@@ -64,7 +64,7 @@ def main(argv=None):
     import torch
 
     lines = ["## Full-size checkpoint on a CPU (benchmarks/full_size_cpu.py)", "",
-             f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} python benchmarks/full_size_cpu.py"
+             f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} python -m benchmarks.full_size_cpu"
              f"{' --num_inference_steps ' + str(args.num_inference_steps) if args.num_inference_steps != 4 else ''}`  ",
              f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}), no GPU, torch {torch.__version__}, load average {load:.1f} at start "
              f"(shared with other jobs).", "",

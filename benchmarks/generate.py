@@ -8,9 +8,9 @@ both and the ratio, at each --resolution. On a GPU also the full-size SD-1.5 inp
 (random weights, nothing downloaded) at 512 px, fp16, 20 steps, guidance 3.5: images/s and peak
 memory at batch 1/4/8 (--full_size forces that part on any device).
 
-    python benchmarks/generate.py                         # writes benchmarks/results/generation.md
-    python benchmarks/generate.py --resolution 256 --num 8 --batch_size 8
-    python benchmarks/generate.py --device cuda           # on a GPU; benchmarks/gpu_check.sh runs it
+    python -m benchmarks.generate                         # writes benchmarks/results/generation.md
+    python -m benchmarks.generate --resolution 256 --num 8 --batch_size 8
+    python -m benchmarks.generate --device cuda           # on a GPU; benchmarks/gpu_check.sh runs it
 """
 
 import argparse
@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from mvp_diff.synthesis import WRITE_WORKERS, Settings, generate, load_pipeline, pipeline_inputs, synthesize
 
-from mvp_diff.synthesis import WRITE_WORKERS, Settings, generate, load_pipeline, pipeline_inputs, synthesize  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 WORK = REPO / "benchmarks" / "_work"
 OVERLAP_HEADING = "### Writing while generating (Stage 3's whole run)"
@@ -227,7 +226,7 @@ def main(argv=None):
     full = full_size_section(args, device) if batching and (device.type == "cuda" or args.full_size) else None
     if not args.out:
         return
-    command = "python benchmarks/generate.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:]) if (argv or sys.argv[1:]) else "")
+    command = "python -m benchmarks.generate" + (" " + shlex.join(argv if argv is not None else sys.argv[1:]) if (argv or sys.argv[1:]) else "")
     out = Path(args.out)
     if batching:
         head = batching_lines(args, command, started, device, tiny, full)

@@ -27,11 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from mvp_diff.cli_args import ArgumentParser, positive_int
+from mvp_diff.errors import UsageError, UserError, cli
 
-from mvp_diff.cli_args import ArgumentParser, positive_int  # noqa: E402
-from mvp_diff.errors import UsageError, UserError, cli  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PARTS = ("tests", "train_step", "multi_gpu", "generation")
 WORK = REPO / "benchmarks" / "_work" / "gpu"

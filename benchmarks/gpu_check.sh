@@ -25,4 +25,4 @@ if ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
     echo "installing $wheel (diffusers was missing)"
     "$PYTHON" -m pip install -q --no-deps "$wheel"
 fi
-exec "$PYTHON" benchmarks/gpu_check.py "$@"
+exec "$PYTHON" -m benchmarks.gpu_check "$@"

@@ -30,24 +30,20 @@ reference ("default+ref"). Time: milliseconds per image on one thread (cv2 threa
 ratio to the official method and to a fixed reference operation (a 512x512x3 float32 Gaussian
 blur, sigma 2) timed in the same run.
 
-    python benchmarks/mask_precision.py --num 150 --official_num 20
+    python -m benchmarks.mask_precision --num 150 --official_num 20
 """
 
 import argparse
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 from skimage import data
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mvp_diff.masks import extract_mask  # noqa: E402
+from mvp_diff.masks import extract_mask
 
 # Fixed splits. The tune photographs are those earlier settings were chosen on; the held-out ones,
 # the generated "weave" family and the held-out seed were never used to choose anything.

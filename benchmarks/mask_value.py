@@ -22,7 +22,7 @@ real anomalies, so the labels are the only difference), the same steps and seed 
 test metrics from `metrics.segmentation_metrics`. Seeds change the pairs, the initial weights and
 the batch order. Results per job are cached under --out (a rerun resumes).
 
-    python benchmarks/mask_value.py --out output/mask_value
+    python -m benchmarks.mask_value --out output/mask_value
 """
 
 import json
@@ -30,7 +30,6 @@ import math
 import multiprocessing
 import os
 import platform
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -38,11 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from mask_precision import generated_image
-
+from benchmarks.mask_precision import generated_image
 from mvp_diff.boxes import box_mask, mask_regions
 from mvp_diff.cli_args import ArgumentParser, positive_int
 from mvp_diff.dataset import list_classes, load_class

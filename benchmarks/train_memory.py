@@ -3,8 +3,8 @@ parameters, random weights built from config, nothing downloaded), on cached lat
 train_diffusion.py trains, with and without gradient checkpointing. Each configuration runs in its
 own process, so its peak resident memory (ru_maxrss) is its own.
 
-    python benchmarks/train_memory.py                                            # CPU, 512 px, batch 1
-    python benchmarks/train_memory.py --device cuda --mixed_precision fp16 --batch_size 6
+    python -m benchmarks.train_memory                                            # CPU, 512 px, batch 1
+    python -m benchmarks.train_memory --device cuda --mixed_precision fp16 --batch_size 6
 
 On the CPU the figure is peak RSS of the whole process (weights, activations, LoRA optimizer state,
 Python); on a GPU it is torch.cuda.max_memory_allocated. --with_encoders also keeps the frozen VAE and
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+
 
 
 def child(args):
@@ -109,7 +109,7 @@ def main(argv=None):
         elif not flag.startswith("--configs="):
             passthrough.append(flag)
     for gc in (int(c) for c in args.configs.split(",")):
-        proc = subprocess.run([sys.executable, __file__, *passthrough, "--child", "--gradient_checkpointing", str(gc)], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.train_memory", *passthrough, "--child", "--gradient_checkpointing", str(gc)], capture_output=True, text=True, cwd=REPO)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             print(f"| {'on' if gc else 'off'} | failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:] } | | | | |")

@@ -3,9 +3,9 @@ re-encodes every step (the original design: VAE-encode the defect image, the mas
 unused defect-free image, and run the text encoder, every step), in one run, on the same model, batch
 and records.
 
-    python benchmarks/train_step.py                                 # tiny and mid-size models, 256 px
-    python benchmarks/train_step.py --models mid --resolution 512 --batch_size 2
-    python benchmarks/train_step.py --models full --device cuda --mixed_precision fp16 --batch_size 6 --resolution 512
+    python -m benchmarks.train_step                                 # tiny and mid-size models, 256 px
+    python -m benchmarks.train_step --models mid --resolution 512 --batch_size 2
+    python -m benchmarks.train_step --models full --device cuda --mixed_precision fp16 --batch_size 6 --resolution 512
 
 Models (random weights, nothing downloaded): `tiny` is the tests' checkpoint; `mid` a scaled-down SD
 (UNet blocks 128/256/256, VAE blocks 64/128/128/128, 6-layer 512-wide text encoder); `full` the SD-1.5
@@ -20,21 +20,19 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.full_size import SD15_TEXT, SD15_UNET, SD15_VAE
+from mvp_diff.latent_cache import ExampleImages, build_latent_cache
+from mvp_diff.lora import prepare_lora_unet
+from mvp_diff.sample_stream import SampleStream
+from mvp_diff.training import training_step
 
-from benchmarks.full_size import SD15_TEXT, SD15_UNET, SD15_VAE  # noqa: E402
-from mvp_diff.latent_cache import ExampleImages, build_latent_cache  # noqa: E402
-from mvp_diff.lora import prepare_lora_unet  # noqa: E402
-from mvp_diff.sample_stream import SampleStream  # noqa: E402
-from mvp_diff.training import training_step  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 WORK = REPO / "benchmarks" / "_work" / "training"
 

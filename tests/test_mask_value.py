@@ -1,17 +1,13 @@
 """benchmarks/mask_value.py: its synthetic pairs are what it claims (a defect smaller than its box,
 the defect-free image outside the boxes, four labels of the same image) and bad flags fail cleanly."""
 
-import sys
 
 import numpy as np
 from conftest import REPO, assert_user_error, run_script
 
+from benchmarks import mask_value
 from mvp_diff.evaluation.data import real_split
 from mvp_diff.files import read_image, read_mask
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import mask_value
 
 
 def test_pairs_paste_a_defect_smaller_than_its_box(demo_dataset_master, tmp_path):

@@ -199,6 +199,21 @@ def published_table(protocol):
     return _table(["published", "protocol"] + [METRIC_LABELS.get(m, m) for m in protocol["definition"]["metrics"]], rows)
 
 
+def mean_lines(mean, num_classes, metrics, name):
+    """The report's section of means over classes (none for one class)."""
+    lines = []
+    if num_classes > 1 and (mean["segmentation"] or mean["quality"]):
+        lines += [f"## Mean over {mean['classes']} classes [{name}]", ""]
+        if mean["segmentation"]:
+            rows = [[METRIC_LABELS.get(m, m)] + [_pct(v.get(m)) for v in mean["segmentation"].values()] for m in metrics]
+            lines += [_table(["metric"] + [setting_label(k) for k in mean["segmentation"]], rows), ""]
+        if mean["quality"]:
+            rows = [[label] + [_num(q.get(key), 2 if key == "is" else 3) for q in mean["quality"].values()] for key, label in QUALITY_LABELS.items()]
+            rows.append([CLASSIFICATION_LABEL] + [_pct(q.get("classification_accuracy")) for q in mean["quality"].values()])
+            lines += [_table(["metric"] + list(mean["quality"]), rows), ""]
+    return lines
+
+
 def write_report(out, results: EvaluationResult):
     """Write every report file under `out`; returns the report.md path."""
     out = Path(out)
@@ -220,16 +235,7 @@ def write_report(out, results: EvaluationResult):
     if has_seg:
         lines += ["![headline metric per setting](plot.png)", ""]
     lines += ["Samples with their boxes and masks: [gallery.html](gallery.html)", ""]
-    mean = results.mean
-    if len(classes) > 1 and (mean["segmentation"] or mean["quality"]):
-        lines += [f"## Mean over {mean['classes']} classes [{name}]", ""]
-        if mean["segmentation"]:
-            rows = [[METRIC_LABELS.get(m, m)] + [_pct(v.get(m)) for v in mean["segmentation"].values()] for m in metrics]
-            lines += [_table(["metric"] + [setting_label(k) for k in mean["segmentation"]], rows), ""]
-        if mean["quality"]:
-            rows = [[label] + [_num(q.get(key), 2 if key == "is" else 3) for q in mean["quality"].values()] for key, label in QUALITY_LABELS.items()]
-            rows.append([CLASSIFICATION_LABEL] + [_pct(q.get("classification_accuracy")) for q in mean["quality"].values()])
-            lines += [_table(["metric"] + list(mean["quality"]), rows), ""]
+    lines += mean_lines(results.mean, len(classes), metrics, name)
     lines += ["## Results", ""]
     for cname, c in classes.items():
         lines += [f"### {cname}", ""]
