@@ -36,7 +36,7 @@ def stage1(demo_dataset_master, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("shapes_stage1")
     shutil.copytree(demo_dataset_master, root / "dataset")
-    boundbox.main(["--classname", "bottle", "--dataset", str(root / "dataset")])
+    boundbox.main(["--classname", "bottle", "--dataset", str(root / "dataset"), "--outdir", str(root / "script")])
     location_describer.main(["--classname", "bottle", "--dataset", str(root / "dataset"), "--outdir", str(root / "script")])
     in_dir(root, random_box.main, ["--classname", "bottle", "--dataset", "./dataset", "--outdir", "./output/dataset/mask", "--num", "2"])
     return root

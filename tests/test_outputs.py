@@ -193,8 +193,9 @@ def test_progress_is_a_few_lines_when_not_a_terminal(pipeline_run):
 
 def test_extras_are_optional_and_named_when_missing(tmp_path):
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    extras = meta["optional-dependencies"]
+    extras = {name: packages for name, packages in meta["optional-dependencies"].items() if name != "dev"}  # dev: tests and lint
     assert extras == {name: [package for _, package in modules] for name, modules in EXTRA_MODULES.items()}
+    assert set(meta["optional-dependencies"]["dev"]) <= set((REPO / "requirements-dev.txt").read_text().split())
     core = [line.split(">")[0].split("=")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")]
     assert not {p for packages in extras.values() for p in packages} & set(core)
     dev = (REPO / "requirements-dev.txt").read_text().split()
