@@ -1,13 +1,16 @@
 """Precise defect masks: the pixels inside the box where a generated image differs from the
 defect-free image it was painted on.
 
-Two methods:
+Three methods:
 - "default": colour difference in CIELAB (sees brightness, colour and grey-level changes),
   tolerant to the blur, noise and smooth colour drift a VAE round trip leaves, plus a
   loss-of-local-contrast term and a loss-of-fine-structure (band-pass) term for texture changes
   and blur; hysteresis threshold on absolute
   levels (an unchanged box gives an empty mask), borders where the score falls off, speck
   removal, small-hole filling. numpy/OpenCV only, a few milliseconds per 512 px image.
+- "learned": the default method's terms, at several scales, fed to a tiny per-pixel classifier
+  (mask_head.npz, 4 KB, trained by benchmarks/train_mask_head.py on the mask benchmark's tune
+  split only), then hysteresis on its probability and the same clean-up. numpy only.
 - "official": the paper's algorithm (1 - cosine similarity of RGB vectors, min-max
   normalisation, Otsu, small-region removal, dense CRF) with the published code's numeric bugs
   fixed. Blind to grey images and to brightness-only changes by design; kept for comparison.
