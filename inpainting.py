@@ -54,7 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", "--seed", dest="seeds", type=int, default=0, help="base seed; sample NNN uses seeds + NNN (default: 0)")
     parser.add_argument("--extract_mask", nargs="?", const=True, default=False, type=str2bool,
                         help="write the precise mask of what changed (default: off, the box is written as the mask)")
-    parser.add_argument("--mask_method", choices=MASK_METHODS, default="default", help="precise-mask method; official = the paper's (default: default)")
+    parser.add_argument("--mask_method", choices=MASK_METHODS, default="default", help="precise-mask method; learned = the default method's terms through a small trained classifier; official = the paper's (default: default)")
     parser.add_argument("--skip_empty", action="store_true", help="drop samples whose precise mask is empty (nothing visible was drawn)")
     parser.add_argument("--batch_size", type=int, default=4, help="prompts per pipeline call (default: 4)")
     parser.add_argument("--resolution", type=int, default=512, help="the longer image side the model runs at, multiple of 8 (default: 512)")

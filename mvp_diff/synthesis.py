@@ -44,7 +44,7 @@ SETTINGS = "settings.json"
 MANIFEST_EVERY = 30.0  # seconds between manifest rewrites during a run
 WRITE_WORKERS = 4  # threads finishing samples while the next batch generates (0: in the main thread)
 # Settings that change what a sample looks like; a folder never mixes two of them.
-SETTING_KEYS = ("checkpoint", "lora", "lora_sha256", "lora_scale", "num_inference_steps", "guidance_scale", "strength", "resolution", "seeds", "extract_mask", "mask_method")
+SETTING_KEYS = ("checkpoint", "lora", "lora_sha256", "lora_scale", "num_inference_steps", "guidance_scale", "strength", "resolution", "seeds", "extract_mask", "mask_method", "mask_version")
 
 
 @dataclass
@@ -62,6 +62,12 @@ class Settings:
     lora_scale: float = 1.0
     batch_size: int = 4
     skip_empty: bool = False
+
+    @property
+    def mask_version(self):  # a changed mask method is a changed setting
+        from .masks import mask_method_version
+
+        return mask_method_version(self.mask_method) if self.extract_mask else None
 
     def fingerprint(self):
         return {k: getattr(self, k) for k in SETTING_KEYS}
@@ -519,7 +525,7 @@ def prepare_output(out_dir: Path, settings: Settings, overwrite=False):
             saved = {}  # unreadable: treated as other settings
         if not isinstance(saved, dict):
             saved = {}
-        if saved != wanted:
+        if any(saved.get(k) != wanted[k] for k in SETTING_KEYS):  # keys added later: None before
             changed = [f"{k} {saved.get(k)!r} -> {wanted[k]!r}" for k in SETTING_KEYS if saved.get(k) != wanted[k]]
             raise UserError(f"{out_dir} holds samples made with other settings ({'; '.join(changed)}); pass --overwrite to start over or choose another --output")
     atomic_write_json(path, wanted)
