@@ -21,6 +21,7 @@ from mvp_diff.cli_args import add_dataset_args
 from mvp_diff.errors import UsageError, cli
 from mvp_diff.extras import require_extra
 from mvp_diff.run_lock import run_lock
+from mvp_diff.untrusted import flag_name
 from mvp_diff.synthesis import WRITE_WORKERS, Settings, synthesize
 
 
@@ -83,6 +84,7 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    flag_name(args.classname, "--classname")  # it names the output folder: checked before the lock creates it
     with run_lock(Path(args.output) / args.classname):  # under accelerate launch: rank 0 only
         run(args)
 

@@ -24,6 +24,7 @@ from mvp_diff.errors import UsageError, cli
 from mvp_diff.files import atomic_write_jsonl, image_size, save_image
 from mvp_diff.random_boxes import boxes_path, check_defect_types, full_size, random_box_records, split_num
 from mvp_diff.run_lock import run_lock
+from mvp_diff.untrusted import flag_name
 
 
 def parse_args(argv=None):
@@ -53,6 +54,7 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    flag_name(args.classname, "--classname")  # it names the output folder: checked before the lock creates it
     with run_lock(boxes_path(args.outdir, args.classname).parent):
         run(args)
 
