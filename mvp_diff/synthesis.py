@@ -590,8 +590,8 @@ class SampleWriter:
         if self.failure is None:
             return
         sample, err = self.failure
-        if isinstance(err, UserError):
-            raise err
+        if isinstance(err, UserError):  # a failed atomic write names its file; say which sample and what next
+            raise UserError(f"writing sample {sample.defect_type}/{sample.name} failed: {err}; generation stopped; fix that and rerun to resume") from err
         if isinstance(err, OSError):  # disk full, permissions, a file where a folder should be
             raise UserError(f"writing sample {sample.defect_type}/{sample.name} failed ({err.__class__.__name__}: {err}); "
                             f"generation stopped; fix that and rerun to resume") from err
