@@ -42,13 +42,16 @@ class SampleStore:
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return None
-        if not isinstance(record, dict) or any(k not in record for k in REQUIRED):
+        if not isinstance(record, dict):
             return None
-        entry = GeneratedSample.from_json(record, lambda key: untrusted.field_at(path, field=key))
+        where = lambda key: untrusted.field_at(path, field=key)  # noqa: E731
+        untrusted.index(record.get("index"), where("index"))
         for key in ("image", "mask", "box_mask"):
-            if getattr(entry, key):
-                untrusted.inside(self.out_dir / getattr(entry, key), self.roots, untrusted.field_at(path, field=key))
-        return entry
+            if record.get(key):
+                untrusted.inside(self.out_dir / untrusted.relative_path(record[key], where(key)), self.roots, where(key))
+        if any(k not in record for k in REQUIRED):
+            return None
+        return GeneratedSample.from_json(record, where)
 
     def matches(self, entry: GeneratedSample, sample: PlannedSample) -> bool:
         """The entry was written for this very sample (same boxes, prompt, seed, image and file name)."""
