@@ -39,6 +39,7 @@ from mvp_diff.evaluation.protocols import PROTOCOLS
 from mvp_diff.evaluation.report import write_report
 from mvp_diff.extras import require_extra
 from mvp_diff.run_lock import run_lock
+from mvp_diff.untrusted import flag_name
 
 
 def csv_list(choices, flag):
@@ -101,6 +102,7 @@ def generators(values):
         name, path = (name.strip(), path) if sep and name.strip() and "/" not in name else ("ours", value)
         if name in named:
             raise UsageError(f"--generated {value}: the name {name!r} is given twice; write NAME=PATH with distinct names")
+        flag_name(name, f"--generated {value}: NAME")  # it names report columns and cache folders
         named[name] = path
     return named
 

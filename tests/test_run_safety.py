@@ -23,7 +23,7 @@ from conftest import REPO, assert_user_error, run_script
 from mvp_diff import files
 from mvp_diff.errors import UserError
 from mvp_diff.evaluation.standin import build_standin
-from mvp_diff.run_lock import HOLDER_NAME, LOCK_NAME, outside_lock_dir, run_lock
+from mvp_diff.run_lock import HOLDER_NAME, LOCK_NAME, run_lock
 
 
 class Proc:
@@ -61,7 +61,7 @@ def dead_pid():
 # (script, argv, the folder it writes relative to the working folder)
 COMMANDS = {
     "location_describer": (location_describer, ["--classname", "bottle", "--dataset", "dataset", "--outdir", "script"], "script/bottle"),
-    "boundbox": (boundbox, ["--classname", "bottle", "--dataset", "dataset"], "dataset/bottle/bbox"),
+    "boundbox": (boundbox, ["--classname", "bottle", "--dataset", "dataset", "--outdir", "script"], "script/bottle"),
     "random_box": (random_box, ["--classname", "bottle", "--dataset", "dataset", "--num", 4], "output/dataset/mask/bottle"),
     "inpainting": (inpainting, ["--classname", "bottle", "--dataset", "dataset", "--no_lora", "--resolution", 64], "output/dataset/image/bottle"),
     "train_diffusion": (train_diffusion, ["--pretrained_model_name_or_path", "checkpoints/inpainting", "--train_data_dir", "dataset/bottle",
@@ -86,15 +86,14 @@ def test_second_run_on_a_held_folder_refuses_in_one_line(name, work, capsys):
     """While another run holds the folder, each writing command stops at once with one line naming the
     folder, the holder's pid, host and start time and what to do, and writes nothing anywhere."""
     script, argv, folder = COMMANDS[name]
-    lock_dir = outside_lock_dir(work / folder) if name == "boundbox" else None
     before = listing(work)
-    with run_lock(work / folder, command="python first_run.py", lock_dir=lock_dir):
-        holder = json.loads(((lock_dir or work / folder) / HOLDER_NAME).read_text())
+    with run_lock(work / folder, command="python first_run.py"):
+        holder = json.loads((work / folder / HOLDER_NAME).read_text())
         proc = main_in_process(script, argv, capsys, work)
     assert_user_error(proc, 1, folder, f"pid {os.getpid()} on {socket.gethostname()}", holder["started"], "python first_run.py", "wait for it")
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     after = listing(work)
-    after.pop(f"{folder}/{LOCK_NAME}", None)  # the first run's lock file (none in the dataset for boundbox)
+    after.pop(f"{folder}/{LOCK_NAME}", None)  # the first run's lock file
     assert after == before
     assert not (work / "dataset" / "bottle" / LOCK_NAME).exists() and not list((work / "dataset").rglob(f"{LOCK_NAME}*"))
 

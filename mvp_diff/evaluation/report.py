@@ -19,6 +19,7 @@ METRIC_LABELS = {
     "pixel_auroc": "pixel AUROC",
     "pixel_ap": "pixel AP",
     "pixel_f1_max": "pixel F1-max",
+    "pixel_f1_max_21": "pixel F1-max (21 thr.)",
     "aupro": "AUPRO (FPR 0.3)",
     "iou_per_image": "IoU per image (SeaS/LFD)",
     "iou_val_threshold": "IoU (val. threshold)",

@@ -289,6 +289,7 @@ def all_metrics(maps, masks, labels, pool=1, val_threshold=None):
     out["image_auroc"] = M.auroc(scores, labels)
     out["image_ap"] = M.average_precision(scores, labels)
     out["image_f1_max"] = M.image_f1_max(labels, scores)
+    out["pixel_f1_max_21"] = M.f1_max_at_thresholds(maps, masks)
     out["aupro"] = M.aupro(maps, masks)
     out["iou_per_image"] = M.per_image_best_iou(maps[labels], masks[labels]) if labels.any() else math.nan
     return out
