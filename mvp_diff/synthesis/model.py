@@ -12,6 +12,7 @@ from ..checkpoint import LORA_WEIGHT_NAME, check_checkpoint, inpaint_pipeline, l
 from ..errors import UsageError, UserError
 from .inputs import Settings
 
+
 def lora_file(lora) -> Path:
     lora = Path(lora)
     return lora if lora.is_file() else lora / LORA_WEIGHT_NAME
@@ -166,7 +167,6 @@ def precise_mask(anomaly, good, box, settings: Settings, reference=None):
     return extract_mask(anomaly, good, box.astype(np.uint8) * 255, method=settings.mask_method, reference=reference) & box
 
 
-
 def resolve_device(device=None, dtype="auto"):
     """(torch device, torch dtype) for this process: under `accelerate launch` each process takes
     its own GPU; fp16 on CUDA and fp32 on CPU unless --dtype says otherwise."""
@@ -191,4 +191,3 @@ def resolve_device(device=None, dtype="auto"):
     else:
         dtype = dtypes[dtype]
     return state, device, dtype
-

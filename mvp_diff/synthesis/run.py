@@ -29,7 +29,6 @@ def batches(samples, batch_size, resolution):
     return sorted(out, key=lambda b: b[1][0].index)
 
 
-
 def finish_sample(store: SampleStore, sample: PlannedSample, good, box, generated, settings: Settings, classname, reference=None):
     """Everything after the pipeline call: paste-back, precise mask, the sample's files and entry.
     `reference`: the defect-free image's VAE round trip (see vae_round_trips), or None."""
