@@ -108,7 +108,7 @@ def run(args):
     state, out_dir, entries = synthesize(args.classname, args.dataset, args.mask_dir, args.output, settings, args.num, args.device, args.dtype, args.overwrite,
                                         args.local_files_only, args.write_workers)
     if state.is_main_process:
-        empty = sum("empty_mask" in e["flags"] for e in entries)
+        empty = sum("empty_mask" in e.flags for e in entries)
         what = f"precise masks ({args.mask_method})" if args.extract_mask else "box masks (no --extract_mask)"
         print(f"{len(entries)} samples with {what} -> {out_dir}/ (manifest: {out_dir / 'manifest.jsonl'}; {empty} with an empty mask)")
 

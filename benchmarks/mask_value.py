@@ -49,7 +49,7 @@ from mvp_diff.boxes import box_mask, mask_regions
 from mvp_diff.dataset import list_classes, load_class
 from mvp_diff.demo_data import build_demo_dataset
 from mvp_diff.errors import UsageError, UserError, cli
-from mvp_diff.evaluation.data import Sample, real_split
+from mvp_diff.evaluation.data import LabeledImage, real_split
 from mvp_diff.evaluation.segmentation import PairDataset
 from mvp_diff.files import (
     atomic_write_json,
@@ -181,7 +181,7 @@ def train_job(job):
         return json.loads(path.read_text())
     split = real_split(job["dataset"], job["classname"], job["mask_suffix"])
     cfg = TrainConfig(**job["train"])
-    pairs = [Sample(Path(p["image"]), Path(p[job["label"]]), p["defect_type"]) for p in job["pairs"]]
+    pairs = [LabeledImage(Path(p["image"]), Path(p[job["label"]]), p["defect_type"]) for p in job["pairs"]]
     size = cfg.image_size
     desc = f"{job['classname']} {job['label']} seed {cfg.seed}"
     start, cpu_start = time.time(), time.process_time()

@@ -393,21 +393,21 @@ def test_stage3_settings_name_the_mask_method_version(tmp_path):
     import json
 
     from mvp_diff.masks import MASK_METHOD_VERSIONS, mask_method_version
-    from mvp_diff.synthesis import SAMPLES_DIR, SETTINGS, Settings, prepare_output
+    from mvp_diff.synthesis import SAMPLES_DIR, SETTINGS_FILE, SampleStore, Settings
 
     settings = Settings(checkpoint="ckpt", lora=None, extract_mask=True)
     assert settings.fingerprint()["mask_version"] == f"default {MASK_METHOD_VERSIONS['default']}"
     assert mask_method_version("learned").startswith(f"learned {MASK_METHOD_VERSIONS['learned']}-")
-    prepare_output(tmp_path, settings)
-    path = tmp_path / SAMPLES_DIR / SETTINGS
+    SampleStore(tmp_path).prepare(settings)
+    path = tmp_path / SAMPLES_DIR / SETTINGS_FILE
     saved = json.loads(path.read_text())
     path.write_text(json.dumps({**saved, "mask_version": "default 0"}))
     with pytest.raises(UserError, match="mask_version"):
-        prepare_output(tmp_path, settings)
+        SampleStore(tmp_path).prepare(settings)
     boxes = Settings(checkpoint="ckpt", lora=None)
     old = {k: v for k, v in boxes.fingerprint().items() if k != "mask_version"}
     path.write_text(json.dumps(old))
-    prepare_output(tmp_path, boxes)
+    SampleStore(tmp_path).prepare(boxes)
 
 
 def test_mask_head_training_script_writes_usable_weights(tmp_path):

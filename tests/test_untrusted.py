@@ -73,17 +73,6 @@ def with_field(key, value):
     return lambda record: {**record, key: value}
 
 
-def with_path_field(key, value):
-    """Set `key` in a manifest record, inside its `paths` object when it has one."""
-
-    def change(record):
-        if "paths" in record:
-            return {**record, "paths": {**record["paths"], key: value}}
-        return {**record, key: value}
-
-    return change
-
-
 def absolute(name):
     return lambda root: str(root / name)
 
@@ -277,7 +266,7 @@ EVALUATE_CASES = {
     "class ../x": (with_field("class", "../x"), 'field "class"'),
     "defect_type ../../../escaped": (with_field("defect_type", "../../../escaped"), 'field "defect_type"'),
     "defect_type absolute": (with_field("defect_type", "/elsewhere"), 'field "defect_type"'),
-    "good image outside the dataset": (with_path_field("good_image", "../../" + OUTSIDE), 'field "good_image"', "points outside"),
+    "good image outside the dataset": (with_field("good_image", "../../" + OUTSIDE), 'field "good_image"', "points outside"),
     "non-numeric box": (with_field("boxes", [[0, 0, "4", 4]]), 'field "boxes"'),
     "box outside the image": (with_field("boxes", [[0, 0, 4, 100000]]), 'field "boxes"', "inside the"),
 }

@@ -19,7 +19,7 @@ class Protocol:
     name: str
     reference: str  # the files this definition is read from
     split_rounding: str  # "ceil" or "floor": how many of a defect type's anomalies (sorted by name) trained the generator
-    settings: tuple  # downstream training mixes, see pipeline.SETTINGS
+    settings: tuple  # downstream training mixes, see pipeline.DOWNSTREAM_SETTINGS
     max_generated_per_type: int = None  # generated pairs per defect type in a training mix (None: all)
     epochs: int = 100
     steps_per_epoch: int = None  # None: ceil(train/good / half batch), so every setting gets the same steps

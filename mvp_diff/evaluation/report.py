@@ -11,7 +11,7 @@ import numpy as np
 
 from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from . import quality as Q
-from .pipeline import SETTINGS
+from .pipeline import DOWNSTREAM_SETTINGS
 from .protocols import PUBLISHED_QUALITY
 from .results import EvaluationResult
 
@@ -50,7 +50,7 @@ def _table(header, rows):
 
 def setting_label(key):
     setting, _, generator = key.partition(":")
-    return f"({setting}) {generator}" if generator else f"({setting}) {SETTINGS[setting]}"
+    return f"({setting}) {generator}" if generator else f"({setting}) {DOWNSTREAM_SETTINGS[setting]}"
 
 
 def segmentation_table(metrics, settings):
