@@ -14,6 +14,7 @@ from mvp_diff.cli_args import ArgumentParser, add_box_args, add_dataset_args, ad
 from mvp_diff.errors import cli
 from mvp_diff.records import BoxParams, bbox_dir, load_class_boxes, write_box_masks
 from mvp_diff.run_lock import run_lock
+from mvp_diff.untrusted import flag_name
 
 
 def parse_args(argv=None):
@@ -27,6 +28,7 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    flag_name(args.classname, "--classname")  # it names the output folder: checked before the lock creates it
     with run_lock(Path(args.outdir) / args.classname):  # the Stage 1 folder, shared with location_describer.py
         run(args)
 

@@ -34,11 +34,12 @@ import torch
 from mvp_diff.cli_args import ArgumentParser, add_dataset_args, non_negative_int, positive_float, positive_int
 from mvp_diff.errors import UsageError, cli
 from mvp_diff.evaluation.data import dataset_classes
-from mvp_diff.evaluation.pipeline import PARTS, SETTINGS, EvalConfig, evaluate, train_config
+from mvp_diff.evaluation.pipeline import DOWNSTREAM_SETTINGS, PARTS, EvalConfig, evaluate, train_config
 from mvp_diff.evaluation.protocols import PROTOCOLS
 from mvp_diff.evaluation.report import write_report
 from mvp_diff.extras import require_extra
 from mvp_diff.run_lock import run_lock
+from mvp_diff.untrusted import flag_name
 
 
 def csv_list(choices, flag):
@@ -60,7 +61,7 @@ def parse_args(argv=None):
                         help="generated data root (Stage 3's --output); repeat as NAME=PATH for several generators")  # fmt: skip
     parser.add_argument("--out", default="./output/evaluation", help="report folder (default: ./output/evaluation)")
     parser.add_argument("--parts", type=csv_list(PARTS, "--parts"), default=list(PARTS), help=f"comma list of {','.join(PARTS)} (default: all)")
-    parser.add_argument("--settings", type=csv_list(tuple(SETTINGS), "--settings"), default=None, help="downstream settings to run, comma list (default: the protocol's)")
+    parser.add_argument("--settings", type=csv_list(tuple(DOWNSTREAM_SETTINGS), "--settings"), default=None, help="downstream settings to run, comma list (default: the protocol's)")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--train_fraction", type=float, default=1 / 3, help="share of each defect type that may train the generator (default: 1/3)")
@@ -101,6 +102,7 @@ def generators(values):
         name, path = (name.strip(), path) if sep and name.strip() and "/" not in name else ("ours", value)
         if name in named:
             raise UsageError(f"--generated {value}: the name {name!r} is given twice; write NAME=PATH with distinct names")
+        flag_name(name, f"--generated {value}: NAME")  # it names report columns and cache folders
         named[name] = path
     return named
 

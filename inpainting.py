@@ -21,6 +21,7 @@ from mvp_diff.cli_args import ArgumentParser, add_dataset_args, non_negative_int
 from mvp_diff.errors import UsageError, cli
 from mvp_diff.extras import require_extra
 from mvp_diff.run_lock import run_lock
+from mvp_diff.untrusted import flag_name
 from mvp_diff.synthesis import WRITE_WORKERS, Settings, synthesize
 
 
@@ -54,7 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", "--seed", dest="seeds", type=non_negative_int, default=0, help="base seed; sample NNN uses seeds + NNN (default: 0)")
     parser.add_argument("--extract_mask", nargs="?", const=True, default=False, type=str2bool,
                         help="write the precise mask of what changed (default: off, the box is written as the mask)")
-    parser.add_argument("--mask_method", choices=MASK_METHODS, default="default", help="precise-mask method; official = the paper's (default: default)")
+    parser.add_argument("--mask_method", choices=MASK_METHODS, default="default", help="precise-mask method; learned = the default method's terms through a small trained classifier; official = the paper's (default: default)")
     parser.add_argument("--skip_empty", action="store_true", help="drop samples whose precise mask is empty (nothing visible was drawn)")
     parser.add_argument("--batch_size", type=positive_int, default=4, help="prompts per pipeline call (default: 4)")
     parser.add_argument("--resolution", type=positive_int, default=512, help="the longer image side the model runs at, multiple of 8 (default: 512)")
@@ -78,6 +79,7 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    flag_name(args.classname, "--classname")  # it names the output folder: checked before the lock creates it
     with run_lock(Path(args.output) / args.classname):  # under accelerate launch: rank 0 only
         run(args)
 
@@ -101,7 +103,7 @@ def run(args):
     state, out_dir, entries = synthesize(args.classname, args.dataset, args.mask_dir, args.output, settings, args.num, args.device, args.dtype, args.overwrite,
                                         args.local_files_only, args.write_workers)
     if state.is_main_process:
-        empty = sum("empty_mask" in e["flags"] for e in entries)
+        empty = sum("empty_mask" in e.flags for e in entries)
         what = f"precise masks ({args.mask_method})" if args.extract_mask else "box masks (no --extract_mask)"
         print(f"{len(entries)} samples with {what} -> {out_dir}/ (manifest: {out_dir / 'manifest.jsonl'}; {empty} with an empty mask)")
 

@@ -15,6 +15,7 @@ from mvp_diff.errors import cli
 from mvp_diff.files import atomic_write_jsonl
 from mvp_diff.records import build_records, load_class_boxes, records_paths
 from mvp_diff.run_lock import run_lock
+from mvp_diff.untrusted import flag_name
 
 
 def parse_args(argv=None):
@@ -29,6 +30,7 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    flag_name(args.classname, "--classname")  # it names the output folder: checked before the lock creates it
     with run_lock(Path(args.outdir) / args.classname):
         run(args)
 

@@ -14,16 +14,14 @@ as in Stage 1), widened by --jitter; at least --min_coverage of every box lies o
 """
 
 import argparse
-import re
 import sys
 
-from mvp_diff.boxes import box_mask
 from mvp_diff.cli_args import add_dataset_args, add_stage1_outdir_arg
 from mvp_diff.dataset import load_class
 from mvp_diff.errors import UsageError, cli
-from mvp_diff.files import atomic_write_jsonl, image_size, save_image
-from mvp_diff.random_boxes import boxes_path, check_defect_types, full_size, random_box_records, split_num
+from mvp_diff.random_boxes import boxes_path, check_defect_types, split_num, write_box_files
 from mvp_diff.run_lock import run_lock
+from mvp_diff.untrusted import flag_name
 
 
 def parse_args(argv=None):
@@ -53,6 +51,7 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    flag_name(args.classname, "--classname")  # it names the output folder: checked before the lock creates it
     with run_lock(boxes_path(args.outdir, args.classname).parent):
         run(args)
 
@@ -62,22 +61,11 @@ def run(args):
     defect_types = check_defect_types(args.defect_types, class_data.defect_types)
     counts = split_num(args.num, defect_types, args.num_per_type)
     counts = {d: n for d, n in counts.items() if n > 0}
-    records, objects, texture = random_box_records(class_data, counts, args.seed, args.jitter, args.min_coverage, args.train_fraction, stage1_dir=args.stage1_dir)
+    records, texture = write_box_files(args.outdir, class_data, counts, args.seed, args.jitter, args.min_coverage, args.train_fraction, args.stage1_dir)
     folder = boxes_path(args.outdir, args.classname).parent
-    for record in records:
-        save_image(folder / record["box_mask"], box_mask(record["boxes"], record["height"], record["width"]))
-    for good, mask in objects.items():
-        width, height = image_size(good)
-        save_image(folder / "foreground" / f"{good.stem}.png", full_size(mask, width, height).astype("uint8") * 255)
     low = [r for r in records if min(r["fg_coverage"]) < args.min_coverage]
     if low:
         print(f"{len(low)} sample(s) have a box with less than {args.min_coverage:.0%} on the object (no room for it), e.g. #{low[0]['index']}", file=sys.stderr)
-    atomic_write_jsonl(boxes_path(args.outdir, args.classname), records)
-    # Box masks of an earlier, larger run would be mistaken for current ones: remove them.
-    current = {folder / r["box_mask"] for r in records}
-    for path in folder.glob("*/*.png"):
-        if path.parent.name != "foreground" and re.fullmatch(r"\d+\.png", path.name) and path not in current:
-            path.unlink()
     kind = "texture: whole image" if texture else "object"
     summary = ", ".join(f"{d} {n}" for d, n in counts.items())
     print(f"{len(records)} samples ({summary}; foreground: {kind}) -> {folder}/ and {boxes_path(args.outdir, args.classname)}")

@@ -26,7 +26,8 @@ Two true masks: the painted shape, and the changed pixels (the shape's pixels th
 changed by >= VISIBLE levels in some channel, measured before the degradation).
 Methods: the box as the mask ("mask drift"), the paper's method ("official", on the first
 --official_num pairs of each split: its dense CRF is slow), "default" without and with the
-reference ("default+ref"). Time: milliseconds per image on one thread (cv2 threads = 1), as a
+reference ("default+ref"), and "learned" (a per-pixel classifier over the default method's terms,
+trained by train_mask_head.py on other draws of the tune split only), without and with it. Time: milliseconds per image on one thread (cv2 threads = 1), as a
 ratio to the official method and to a fixed reference operation (a 512x512x3 float32 Gaussian
 blur, sigma 2) timed in the same run.
 
@@ -68,7 +69,7 @@ JPEG_QUALITIES = (None, 90, 75, 60)
 # deltaE at mid grey, well above the just noticeable 2.3.
 VISIBLE = 10
 TRUTHS = ("the painted shape", f"the changed pixels (>= {VISIBLE} levels before the degradation)")
-METHODS = ("box", "official", "default", "default+ref")
+METHODS = ("box", "official", "default", "default+ref", "learned", "learned+ref")
 
 
 def photograph(name):
@@ -277,9 +278,8 @@ def predict(method, pair, image):
     box = pair["box"]
     if method == "box":
         return box > 0
-    if method == "default+ref":
-        return extract_mask(image, pair["normal"], box, method="default", reference=pair["reference"])
-    return extract_mask(image, pair["normal"], box, method=method)
+    name, _, ref = method.partition("+")
+    return extract_mask(image, pair["normal"], box, method=name, reference=pair["reference"] if ref else None)
 
 
 def score_split(pairs, methods, official_num):
@@ -294,7 +294,10 @@ def score_split(pairs, methods, official_num):
             t0 = time.perf_counter()
             pred = predict(m, pair, pair["anomaly"])
             times[m].append(time.perf_counter() - t0)
-            scores[m][k] = (iou(pred, pair["truth"]), iou(pred, pair["changed"]))
+            truth = pair["truth"]
+            hit = (pred & truth).sum()
+            precision, recall = (hit / pred.sum() if pred.any() else 1.0), hit / truth.sum()
+            scores[m][k] = (iou(pred, truth), iou(pred, pair["changed"]), float(precision), float(recall))
             false = predict(m, pair, pair["control"])
             alarms[m].append(false.sum() / (pair["box"] > 0).sum())
         times["yardstick"].append(yardstick_seconds(pair["anomaly"].shape[0]))
@@ -330,14 +333,28 @@ def report(split, pairs, methods, scores, alarms, times, official_num):
                 cells.append(f"{np.mean(values):>11.3f}" if values else f"{'-':>11}")
             visible = np.mean([infos[k]["visible"] for k in idx])
             print(f"| {label:<16} | {len(idx):>4} | {visible:>7.3f} | " + " | ".join(cells) + " |")
+    print(f"\n[{split}] precision / recall against the painted shape (share of the mask inside it / share of it found)")
+    print(f"| {'group':<16} | {'n':>4} | {'visible':>7} | " + " | ".join(f"{m:>11}" for m in names) + " |")
+    for label, test in groups()[1:]:
+        idx = [k for k, i in enumerate(infos) if test(i)]
+        if label.startswith(("shape=", "look=")) and idx:
+            cells = []
+            for m in methods:
+                values = [scores[m][k] for k in idx if k in scores[m]]
+                cells.append(f"{np.mean([v[2] for v in values]):.2f} / {np.mean([v[3] for v in values]):.2f}" if values else "-")
+            visible = np.mean([infos[k]["visible"] for k in idx])
+            print(f"| {label:<16} | {len(idx):>4} | {visible:>7.3f} | " + " | ".join(f"{c:>11}" for c in cells) + " |")
     print()
     rows = {
+        # Where the IoU is lost: marked pixels outside the painted shape, or painted pixels missed.
+        "precision (shape)": lambda m: f"{np.mean([v[2] for v in scores[m].values()]):>11.3f}",
+        "recall (shape)": lambda m: f"{np.mean([v[3] for v in scores[m].values()]):>11.3f}",
         "unchanged: hit %": lambda m: f"{100 * np.mean(np.array(alarms[m]) > 0):>11.1f}",
         "unchanged: area%": lambda m: f"{100 * np.mean(alarms[m]):>11.2f}",
         "ms per image": lambda m: f"{1000 * np.mean(times[m]):>11.2f}",
     }
     for label, cell in rows.items():
-        print(f"| {label:<16} | {'':>4} | {'':>7} | " + " | ".join(cell(m) for m in methods) + " |")
+        print(f"| {label:<17}| {'':>4} | {'':>7} | " + " | ".join(cell(m) for m in methods) + " |")
     if "official" in methods and official_num < len(pairs):
         same = " | ".join(
             f"{o} " + "/".join(f"{np.mean([scores[o][k][t] for k in range(official_num)]):.3f}" for t in range(len(TRUTHS)))

@@ -17,7 +17,8 @@ defect-free image outside them, as inpainting.py leaves it. The same degraded im
     official  extract_mask(..., method="official") (the paper's published method)
 
 Training and metrics: `segmentation.train_model` and `evaluate_model` (DRAEM's discriminative U-Net, half good / half
-pairs per batch, selection on validation pixel AP, one test pass) on train/good + the pairs only (no
+pairs per batch, selection on validation pixel AP, one test pass; width, decoder, learning rate and steps between
+validations are `TrainConfig` fields) on train/good + the pairs only (no
 real anomalies, so the labels are the only difference), the same steps and seed for the four labels;
 test metrics from `metrics.segmentation_metrics`. Seeds change the pairs, the initial weights and
 the batch order. Results per job are cached under --out (a rerun resumes).
@@ -43,7 +44,7 @@ from mvp_diff.cli_args import ArgumentParser, positive_int
 from mvp_diff.dataset import list_classes, load_class
 from mvp_diff.demo_data import build_demo_dataset
 from mvp_diff.errors import UsageError, UserError, cli
-from mvp_diff.evaluation.data import Sample, real_split
+from mvp_diff.evaluation.data import LabeledImage, real_split
 from mvp_diff.evaluation.segmentation import PairDataset
 from mvp_diff.files import (
     atomic_write_json,
@@ -175,14 +176,13 @@ def train_job(job):
         return json.loads(path.read_text())
     split = real_split(job["dataset"], job["classname"], job["mask_suffix"])
     cfg = TrainConfig(**job["train"])
-    pairs = [Sample(Path(p["image"]), Path(p[job["label"]]), p["defect_type"]) for p in job["pairs"]]
+    pairs = [LabeledImage(Path(p["image"]), Path(p[job["label"]]), p["defect_type"]) for p in job["pairs"]]
     size = cfg.image_size
     desc = f"{job['classname']} {job['label']} seed {cfg.seed}"
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     model, selection = train_model(PairDataset(split.train_good, size), PairDataset(pairs, size), PairDataset(split.val_set(), size), cfg, desc=desc)
     metrics, _ = evaluate_model(model, PairDataset(split.test_set(), size), cfg, selection["val_threshold"], desc=f"{desc}: test")
-    result = {"metrics": metrics, "selection": selection, "seconds": round(time.time() - start, 1)}
-    result = {"job": job, "metrics": result["metrics"], "selection": result["selection"], "seconds": result["seconds"]}
+    result = {"job": job, "metrics": metrics, "selection": selection, "seconds": round(time.time() - start, 1), "cpu_seconds": round(time.process_time() - cpu_start, 1)}
     atomic_write_json(path, result)
     return result
 
@@ -251,6 +251,8 @@ def parse_args(argv=None):
     parser.add_argument("--image_size", type=int, default=96, help="segmenter input size, a multiple of 32 (default: 96)")
     parser.add_argument("--base_channels", type=int, default=8, help="segmenter width (default: 8)")
     parser.add_argument("--epochs", type=positive_int, default=20, help="epochs of train/good (default: 20)")
+    parser.add_argument("--steps_per_epoch", type=positive_int, default=None, help="steps between validations (default: one pass over train/good)")
+    parser.add_argument("--decoder", default="wide", choices=("wide", "draem"), help="segmenter decoder (TrainConfig.decoder; default: wide)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="Adam learning rate (default: 1e-4, DRAEM's)")
     parser.add_argument("--workers", type=positive_int, default=2, help="training processes in parallel, one thread each (default: 2)")
@@ -274,7 +276,8 @@ def main(argv=None):
         raise UserError(f"--dataset {args.dataset}: no CLASS/train/good/ folders; pass a dataset in MVTec AD layout")
     for classname in classes:
         load_class(args.dataset, classname, args.mask_suffix)  # a missing class or mask fails here, in one line
-    train = {"image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size, "base_channels": args.base_channels, "lr": args.learning_rate}
+    train = {"image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size, "base_channels": args.base_channels, "lr": args.learning_rate,
+             "decoder": args.decoder, "fixed_steps_per_epoch": args.steps_per_epoch}
     common = {"dataset": str(Path(args.dataset).resolve()), "mask_suffix": args.mask_suffix}
     pair_jobs = [common | {"out": str(out), "classname": c, "seed": s, "num_pairs": args.num_pairs, "fill": args.fill, "jitter": args.jitter}
                  for c in classes for s in args.seeds]  # fmt: skip
@@ -282,18 +285,21 @@ def main(argv=None):
         made = dict(zip([(j["classname"], j["seed"]) for j in pair_jobs], pool.map(pairs_job, pair_jobs)))
         print(f"pairs ready ({time.time() - start:.0f} s)", flush=True)
         label_ious = {c: {lab: [made[(c, s)]["label_iou"][lab] for s in args.seeds] for lab in LABELS} for c in classes}
+        # seed by seed, so that the first seed's runs (a sanity check of the budget) finish first
         jobs = [common | {"classname": c, "label": lab, "pairs": made[(c, s)]["pairs"], "train": train | {"seed": s},
                           "path": str(out / "runs" / c / f"seed{s}_{lab}.json")}
-                for c in classes for s in args.seeds for lab in LABELS]  # fmt: skip
+                for s in args.seeds for c in classes for lab in LABELS]  # fmt: skip
         done = list(pool.map(train_job, jobs))
     results = {(j["classname"], j["train"]["seed"], j["label"]): r for j, r in zip(jobs, done)}
     table = summarise(results, classes, args.seeds)
     chance = {c: float(PairDataset(real_split(args.dataset, c, args.mask_suffix).test_set(), args.image_size).masks.mean()) for c in classes}
     text = report(args, table, label_ious, chance, args.seeds, time.time() - start)
     steps = done[0]["selection"]["steps"]
-    text += (f"\n\n{steps} steps per run ({args.epochs} epochs), {args.image_size} px, base channels {args.base_channels}, batch {args.batch_size}, learning rate {args.learning_rate:g}, "
-             f"{args.num_pairs} pairs per class and seed. Machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
-             f"load average {os.getloadavg()[0]:.1f}.")  # fmt: skip
+    # wall time depends on the machine's load; the runs' CPU time says what they cost on an idle machine
+    cpu_minutes = sum(r.get("cpu_seconds", math.nan) for r in done) / 60
+    text += (f"\n\n{steps} steps per run ({args.epochs} epochs), {args.image_size} px, base channels {args.base_channels}, {args.decoder} decoder, batch {args.batch_size}, "
+             f"learning rate {args.learning_rate:g}, {args.num_pairs} pairs per class and seed; the {len(done)} training runs used {cpu_minutes:.1f} CPU minutes in all. "
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}.")  # fmt: skip
     atomic_write_json(out / "summary.json", {"args": vars(args), "table": table, "label_iou": label_ious})
     atomic_write_text(out / "report.md", text + "\n")
     print(text)

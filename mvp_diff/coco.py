@@ -21,10 +21,10 @@ import cv2
 import numpy as np
 
 from .errors import UserError, cli
-from .files import atomic_write_text, read_jsonl, read_mask
+from .files import atomic_write_text, read_mask
+from .manifest import MANIFEST, read_manifest
 
 COCO_FILE = "coco.json"
-MANIFEST = "manifest.jsonl"
 
 
 def rle_counts(region) -> list:
@@ -51,25 +51,25 @@ def mask_regions(mask) -> list:
     return regions
 
 
-def sample_regions(class_dir: Path, entry) -> list:
-    """Regions of a manifest entry: cached in the entry when inpainting.py wrote it, else from its mask."""
-    if "regions" in entry:
-        return entry["regions"]
-    return mask_regions(read_mask(Path(class_dir) / entry["mask"]))
+def sample_regions(class_dir: Path, sample) -> list:
+    """Regions of a GeneratedSample: cached in its entry when inpainting.py wrote it, else from its mask."""
+    if sample.regions is not None:
+        return sample.regions
+    return mask_regions(read_mask(Path(class_dir) / sample.mask))
 
 
 def coco_dataset(class_dir: Path, entries, classname=None, defect_types=None) -> dict:
-    """The COCO dict of a generated class folder's samples (manifest entries)."""
+    """The COCO dict of a generated class folder's samples (GeneratedSample)."""
     class_dir = Path(class_dir)
-    classname = classname or (entries[0].get("class") if entries else None) or class_dir.name
-    names = sorted(set(defect_types or ()) | {e["defect_type"] for e in entries})
+    classname = classname or (entries[0].classname if entries else None) or class_dir.name
+    names = sorted(set(defect_types or ()) | {e.defect_type for e in entries})
     category = {name: i for i, name in enumerate(names, 1)}
     images, annotations = [], []
-    for entry in sorted(entries, key=lambda e: e["index"]):
-        image_id = int(entry["index"]) + 1
-        images.append({"id": image_id, "file_name": entry["image"], "width": entry["width"], "height": entry["height"]})
+    for entry in sorted(entries, key=lambda e: e.index):
+        image_id = entry.index + 1
+        images.append({"id": image_id, "file_name": entry.image, "width": entry.width, "height": entry.height})
         for region in sample_regions(class_dir, entry):
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category[entry["defect_type"]], "iscrowd": 0, **region})
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category[entry.defect_type], "iscrowd": 0, **region})
     return {
         "info": {"description": f"MvP-Diff synthetic {classname} defects with precise masks", "version": "1.0"},
         "licenses": [],
@@ -92,12 +92,12 @@ def rebuild_coco(class_dir: Path) -> Path:
     manifest = class_dir / MANIFEST
     if not manifest.is_file():
         raise UserError(f"{manifest}: not found; is {class_dir} a class folder written by inpainting.py (OUTPUT/CLASS)?")
-    entries = [{k: v for k, v in e.items() if k != "regions"} for e in read_jsonl(manifest)]
-    for lineno, entry in enumerate(entries, 1):
-        missing = [k for k in ("index", "defect_type", "image", "mask", "width", "height") if k not in entry]
-        if missing:
-            raise UserError(f"{manifest}:{lineno}: lacks {', '.join(missing)}; rerun inpainting.py")
-    return write_coco(class_dir, entries)
+    entries = read_manifest(manifest)
+    for lineno, entry in entries:
+        entry.regions = None  # from the mask files, not from a field of a shared file
+        if entry.width is None or entry.height is None:
+            raise UserError(f"{manifest}:{lineno}: lacks width, height; rerun inpainting.py")
+    return write_coco(class_dir, [entry for _, entry in entries])
 
 
 @cli

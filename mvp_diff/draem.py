@@ -20,9 +20,10 @@ import numpy as np
 from .progress import progress_bar
 
 from .boxes import box_mask, boxes_from_mask
-from .dataset import class_relative, generated_paths, load_class, move_legacy_generated_boxes
+from .dataset import generated_paths, load_class, move_legacy_generated_boxes
 from .errors import UsageError, UserError, cli
-from .files import IMAGE_EXTENSIONS, atomic_write_jsonl, is_grey, read_mask, read_rgb, save_image
+from .files import IMAGE_EXTENSIONS, is_grey, read_mask, read_rgb, save_image
+from .manifest import GeneratedSample, write_manifest
 
 DEFECT_TYPE = "draem"
 
@@ -159,8 +160,9 @@ def sample_paths(class_dir: Path, index: int, defect_type=DEFECT_TYPE):
     return generated_paths(class_dir, defect_type, f"{index:03d}")
 
 
-def synthesize(good_images, class_dir, num, seed=0, sources=None, defect_type=DEFECT_TYPE, progress=True):
-    """Write `num` DRAEM-style samples under `class_dir` in MVTec layout plus manifest.jsonl.
+def write_draem_samples(good_images, class_dir, num, seed=0, sources=None, defect_type=DEFECT_TYPE, progress=True):
+    """Write `num` DRAEM-style samples under `class_dir` in MVTec layout plus manifest.jsonl; returns
+    their GeneratedSample list.
 
     Sample i depends only on (seed, i), so a rerun skips finished samples and yields the same set.
     Sources default to the good images themselves (another one than the base when there are two)."""
@@ -186,26 +188,12 @@ def synthesize(good_images, class_dir, num, seed=0, sources=None, defect_type=DE
             save_image(mask_path, mask.astype(np.uint8) * 255)
             save_image(image_path, out[..., 0] if grey else out)  # image last: its presence marks a finished sample
         boxes, _ = boxes_from_mask(mask, min_area=1)
-        records.append(
-            {
-                "index": i,
-                "defect_type": defect_type,
-                "prompt": None,
-                "seed": [seed, i],
-                "boxes": boxes,
-                "paths": {
-                    "image": image_path.relative_to(class_dir).as_posix(),
-                    "mask": mask_path.relative_to(class_dir).as_posix(),
-                    "box_mask": class_relative(box_path, class_dir),
-                    "good_image": str(Path(base).resolve()),
-                },
-                "mask_area": int(mask.sum()),
-                "mask_method": "draem_perlin",
-                "source_image": str(Path(source).resolve()),
-                "flags": [],
-            }
-        )
-    atomic_write_jsonl(class_dir / "manifest.jsonl", records)
+        height, width = mask.shape
+        records.append(GeneratedSample.at(
+            class_dir, i, defect_type, image_path.stem, seed=[seed, i], boxes=boxes, good_image=str(Path(base).resolve()), mask_area=int(mask.sum()),
+            mask_method="draem_perlin", flags=[], width=width, height=height, source_image=str(Path(source).resolve()),
+        ))  # fmt: skip
+    write_manifest(class_dir, records)
     return records
 
 
@@ -229,7 +217,7 @@ def main(argv=None):
     class_data = load_class(args.dataset, args.classname, args.mask_suffix, require_anomalies=False)
     sources = source_images(args.anomaly_source_path) if args.anomaly_source_path else None
     class_dir = Path(args.out) / args.classname
-    synthesize(class_data.train_good, class_dir, args.num, args.seed, sources)
+    write_draem_samples(class_data.train_good, class_dir, args.num, args.seed, sources)
     print(f"{args.num} DRAEM-style samples -> {class_dir}/ (evaluate with --generated {args.out})")
 
 

@@ -1,19 +1,24 @@
 """Precise defect masks: the pixels inside the box where a generated image differs from the
 defect-free image it was painted on.
 
-Two methods:
+Three methods:
 - "default": colour difference in CIELAB (sees brightness, colour and grey-level changes),
   tolerant to the blur, noise and smooth colour drift a VAE round trip leaves, plus a
   loss-of-local-contrast term and a loss-of-fine-structure (band-pass) term for texture changes
   and blur; hysteresis threshold on absolute
   levels (an unchanged box gives an empty mask), borders where the score falls off, speck
   removal, small-hole filling. numpy/OpenCV only, a few milliseconds per 512 px image.
+- "learned": the default method's terms, at several scales, fed to a tiny per-pixel classifier
+  (mask_head.npz, 4 KB, trained by benchmarks/train_mask_head.py on the mask benchmark's tune
+  split only), then hysteresis on its probability and the same clean-up. numpy only.
 - "official": the paper's algorithm (1 - cosine similarity of RGB vectors, min-max
   normalisation, Otsu, small-region removal, dense CRF) with the published code's numeric bugs
   fixed. Blind to grey images and to brightness-only changes by design; kept for comparison.
 """
 
+import hashlib
 import inspect
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -21,7 +26,17 @@ from scipy import ndimage
 
 from .errors import UsageError, UserError
 
-MASK_METHODS = ("default", "official")
+MASK_METHODS = ("default", "official", "learned")
+# Bumped whenever a method's masks change for the same inputs: Stage 3 never mixes two versions.
+MASK_METHOD_VERSIONS = {"default": "2", "official": "1", "learned": "1"}
+
+
+def mask_method_version(method):
+    """The method's version; for "learned", with the digest of its weights file."""
+    version = MASK_METHOD_VERSIONS.get(method, "?")
+    if method == "learned" and MASK_HEAD.is_file():
+        version += "-" + hashlib.sha256(MASK_HEAD.read_bytes()).hexdigest()[:12]
+    return f"{method} {version}"
 
 
 def extract_mask(anomaly, normal, box, method="default", reference=None, **options) -> np.ndarray:
@@ -43,6 +58,15 @@ def extract_mask(anomaly, normal, box, method="default", reference=None, **optio
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise UsageError(f"mask method {method!r} has no option {', '.join(unknown)}; its options: {', '.join(allowed)}")
+    anomaly, normal, box, reference = prepare_inputs(anomaly, normal, box, reference)
+    if not box.any():
+        return np.zeros(box.shape, dtype=bool)
+    return func(anomaly, normal, box, reference=reference, **options) & box
+
+
+def prepare_inputs(anomaly, normal, box, reference=None):
+    """(anomaly, normal, bool box, reference) checked as extract_mask takes them: uint8, one size,
+    all grey or all RGB (a grey image beside RGB ones is compared as RGB)."""
     anomaly, normal, box = _check_inputs(anomaly, normal, box)
     if reference is not None:
         reference = _as_image(reference, "reference")
@@ -50,9 +74,7 @@ def extract_mask(anomaly, normal, box, method="default", reference=None, **optio
             raise UserError(f"reference image is {_size(reference)} but the defect-free image is {_size(normal)}; pass its VAE round trip at the same size")
         if reference.ndim != normal.ndim:
             anomaly, normal, reference = _rgb(anomaly), _rgb(normal), _rgb(reference)
-    if not box.any():
-        return np.zeros(box.shape, dtype=bool)
-    return func(anomaly, normal, box, reference=reference, **options) & box
+    return anomaly, normal, box, reference
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,17 +263,7 @@ def _default(
     """
     from skimage.filters import apply_hysteresis_threshold
 
-    height, width = box.shape
-    scale = max(0.5, max(height, width) / 512.0)  # sizes are given for 512 px images
-
-    # Work on the boxes' bounding rectangle plus a margin for the filters.
-    ys, xs = np.nonzero(box)
-    pad = int(np.ceil(8 * scale))
-    y0, y1 = max(0, ys.min() - pad), min(height, ys.max() + 1 + pad)
-    x0, x1 = max(0, xs.min() - pad), min(width, xs.max() + 1 + pad)
-    inside = box[y0:y1, x0:x1]
-    ring = _ring(inside, max(2, round(3 * scale)))
-    crop = (slice(y0, y1), slice(x0, x1))
+    crop, inside, ring, scale = _box_crop(box)
     settings = (scale, (smooth, chroma_smooth), blur_tolerance, contrast_weight, contrast_tolerance, (structure_weight, structure_sigma, structure_tolerance), max_bias)
     score = _change_score(anomaly[crop], normal[crop], inside, ring, *settings)
     if reference is not None:
@@ -277,23 +289,40 @@ def _default(
             ref = _blur(score * weight, sigma) / np.maximum(_blur(weight, sigma), 1e-6)
             mask = found & (core | (score >= np.maximum(low, edge * ref)))
 
+    out = np.zeros(box.shape, dtype=bool)
+    out[crop] = _tidy(mask, inside, scale, min_area, min_fraction, max_hole)
+    return out
+
+
+def _tidy(mask, inside, scale, min_area, min_fraction, max_hole):
+    """Close 1-2 px gaps, fill small holes, drop specks (sizes in pixels at 512 px)."""
     k = max(3, int(round(3 * scale)) | 1)
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) > 0
     # Fill small holes (texture with a few unchanged pixels), not the inside of a drawn loop.
     holes = ndimage.binary_fill_holes(mask) & ~mask
     if holes.any():
         mask |= holes & ~_remove_small(holes, max_hole * scale * scale, 0.0)
-    mask = _remove_small(mask & inside, min_area * scale * scale, min_fraction)
+    return _remove_small(mask & inside, min_area * scale * scale, min_fraction)
 
-    out = np.zeros(box.shape, dtype=bool)
-    out[crop] = mask
-    return out
+
+def _box_crop(box):
+    """(crop slices, box inside the crop, ring just inside its border, size scale to 512 px): work on
+    the boxes' bounding rectangle plus a margin for the filters."""
+    height, width = box.shape
+    scale = max(0.5, max(height, width) / 512.0)  # sizes are given for 512 px images
+    ys, xs = np.nonzero(box)
+    pad = int(np.ceil(8 * scale))
+    y0, y1 = max(0, ys.min() - pad), min(height, ys.max() + 1 + pad)
+    x0, x1 = max(0, xs.min() - pad), min(width, xs.max() + 1 + pad)
+    inside = box[y0:y1, x0:x1]
+    return (slice(y0, y1), slice(x0, x1)), inside, _ring(inside, max(2, round(3 * scale))), scale
 
 
 def _change_score(
-    anomaly, normal, inside, ring, scale, smooth, blur_tolerance, contrast_weight, contrast_tolerance, structure, max_bias
+    anomaly, normal, inside, ring, scale, smooth, blur_tolerance, contrast_weight, contrast_tolerance, structure, max_bias, parts=None
 ):
-    """Per-pixel change score (deltaE units), 0 outside the box."""
+    """Per-pixel change score (deltaE units), 0 outside the box. `parts`: a dict to receive the
+    terms before they are combined (colour, contrast, structure; the mask head's features)."""
     smooth, chroma_smooth = smooth
     a, n = _blur(_lab(anomaly), smooth * scale), _blur(_lab(normal), smooth * scale)
 
@@ -335,7 +364,10 @@ def _change_score(
     if weight > 0:
         # Against the normal image blurred as much as the ring says the round trip blurred.
         ref = _blur(ln, best[2] * scale)
-        score = np.maximum(score, weight * _structure_change(la, ref, sigma * scale, tolerance))
+        structure_loss = weight * _structure_change(la, ref, sigma * scale, tolerance)
+        score = np.maximum(score, structure_loss)
+    if parts is not None:
+        parts.update(colour=diff, contrast=texture, structure=structure_loss if weight > 0 else np.zeros_like(diff), lightness=la - ln)
 
     score = _blur(score, smooth * scale)
     score[~inside] = 0.0
@@ -355,6 +387,122 @@ def _structure_change(la, ln, sigma, tolerance):
     own = np.sqrt(_blur(bpn * bpn, window))
     # Only a loss counts: a brightness step adds band-pass energy just outside its edge.
     return np.maximum((1.0 - tolerance) * own - np.sqrt(_blur(bpa * bpa, window)), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# learned method: a tiny per-pixel classifier over the default method's terms
+
+MASK_HEAD = Path(__file__).with_name("mask_head.npz")
+FEATURES = (
+    "score", "colour", "contrast", "structure", "score blurred 1.5", "score blurred 4", "score blurred 8",
+    "score / 3x3 max", "score / 7x7 max", "ring noise", "score / ring noise", "box 99th percentile",
+    "lightness change", "background contrast", "lightness ridge", "score above its surroundings",
+)
+
+
+def mask_features(anomaly, normal, box, reference=None):
+    """(features N x len(FEATURES) float32, crop slices, box inside the crop) for the N pixels
+    inside the box, in the crop's row-major order. Inputs as `extract_mask` checks them."""
+    crop, inside, ring, scale = _box_crop(box)
+    settings = _default_settings(scale)
+    parts = {}
+    score = _change_score(anomaly[crop], normal[crop], inside, ring, *settings, parts=parts)
+    if reference is not None:
+        # What either image explains is not a change: the smaller of the two, term by term.
+        other = {}
+        score = np.minimum(score, _change_score(anomaly[crop], reference[crop], inside, ring, *settings, parts=other))
+        for k in ("colour", "contrast", "structure"):
+            parts[k] = np.minimum(parts[k], other[k])
+        parts["lightness"] = np.where(np.abs(other["lightness"]) < np.abs(parts["lightness"]), other["lightness"], parts["lightness"])
+    noise = float(np.median(score[ring])) if ring.any() else 0.0
+    peak = float(np.percentile(score[inside], 99))
+    light = parts["lightness"]
+    # Ridge of the lightness change: a thin line keeps its core after the round trip's spread.
+    sigma = scale
+    dyy = _blur(np.gradient(np.gradient(light, axis=0), axis=0), sigma)
+    dxx = _blur(np.gradient(np.gradient(light, axis=1), axis=1), sigma)
+    dxy = _blur(np.gradient(np.gradient(light, axis=0), axis=1), sigma)
+    ridge = 0.5 * np.abs(dxx + dyy) + np.sqrt(0.25 * (dxx - dyy) ** 2 + dxy**2)
+    k3, k7 = np.ones((3, 3), np.uint8), np.ones((7, 7), np.uint8)
+    ln = _lab(normal[crop])
+    ln = ln if ln.ndim == 2 else ln[..., 0]
+    columns = [
+        np.log1p(score),
+        np.log1p(parts["colour"]),
+        np.log1p(parts["contrast"]),
+        np.log1p(parts["structure"]),
+        np.log1p(_blur(score, 1.5 * scale)),
+        np.log1p(_blur(score, 4 * scale)),
+        np.log1p(_blur(score, 8 * scale)),
+        score / (cv2.dilate(score, k3) + 0.5),
+        score / (cv2.dilate(score, k7) + 0.5),
+        np.full_like(score, np.log1p(noise)),
+        np.log1p(score / (noise + 0.3)),
+        np.full_like(score, np.log1p(peak)),
+        np.tanh(_blur(light, 0.7 * scale) / 10.0),
+        np.log1p(_local_std(ln, 2 * scale)),
+        np.log1p(ridge),
+        np.log1p(np.maximum(score - _blur(score, 3 * scale), 0.0)),
+    ]
+    return np.stack([c[inside] for c in columns], axis=1).astype(np.float32), crop, inside
+
+
+def _default_settings(scale):
+    """The default method's score settings, as _change_score takes them."""
+    d = {k: v.default for k, v in inspect.signature(_default).parameters.items()}
+    structure = (d["structure_weight"], d["structure_sigma"], d["structure_tolerance"])
+    return (scale, (d["smooth"], d["chroma_smooth"]), d["blur_tolerance"], d["contrast_weight"], d["contrast_tolerance"], structure, d["max_bias"])
+
+
+_HEAD_CACHE = {}
+
+
+def load_mask_head(path=MASK_HEAD):
+    """dict of the classifier's arrays: feature mean/std, layers w1 b1 w2 b2, thresholds low/high."""
+    path = Path(path)
+    if path not in _HEAD_CACHE:
+        if not path.is_file():
+            raise UserError(f"{path}: mask head weights not found; run python benchmarks/train_mask_head.py")
+        with np.load(path) as f:
+            head = {k: f[k] for k in f.files}
+        if int(head["num_features"]) != len(FEATURES):
+            raise UserError(f"{path}: made for {int(head['num_features'])} features, this code computes {len(FEATURES)}; rerun python benchmarks/train_mask_head.py")
+        _HEAD_CACHE[path] = head
+    return _HEAD_CACHE[path]
+
+
+def mask_head_probability(features, head):
+    """Per-pixel defect probability: one hidden layer (ReLU), sigmoid output, float32 numpy."""
+    x = (features - head["mean"]) / head["std"]
+    hidden = np.maximum(x @ head["w1"] + head["b1"], 0.0)
+    logit = hidden @ head["w2"] + head["b2"]
+    return 1.0 / (1.0 + np.exp(-np.clip(logit[:, 0], -30, 30)))
+
+
+def _learned(anomaly, normal, box, reference=None, low=None, high=None, min_area=12, min_fraction=0.05, max_hole=250, weights=None):
+    """Changed pixels inside the box by a per-pixel classifier (mvp_diff/mask_head.npz, trained by
+    benchmarks/train_mask_head.py on generated pairs of the benchmark's tune split only) over the
+    default method's terms at several scales (FEATURES). low/high: hysteresis thresholds on its
+    probability (None: those chosen with the weights); weights: another weights file."""
+    head = load_mask_head(weights or MASK_HEAD)
+    low = float(head["low"]) if low is None else low
+    high = float(head["high"]) if high is None else high
+    features, crop, inside = mask_features(anomaly, normal, box, reference)
+    prob = np.zeros(inside.shape, np.float32)
+    prob[inside] = mask_head_probability(features, head)
+    return threshold_probability(prob, crop, inside, box.shape, low, high, min_area, min_fraction, max_hole)
+
+
+def threshold_probability(prob, crop, inside, shape, low, high, min_area=12, min_fraction=0.05, max_hole=250):
+    """Bool mask of image `shape` from the probability over the crop: hysteresis (a region must
+    reach `high`, grows down to `low`), then gaps closed, small holes filled, specks removed."""
+    from skimage.filters import apply_hysteresis_threshold
+
+    mask = apply_hysteresis_threshold(prob, low, high)
+    out = np.zeros(shape, dtype=bool)
+    if mask.any():
+        out[crop] = _tidy(mask, inside, max(0.5, max(shape) / 512.0), min_area, min_fraction, max_hole)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,4 +561,4 @@ def _official(anomaly, normal, box, reference=None, min_fraction=0.1, crf=True, 
     return (q[1] > q[0]) & box
 
 
-_METHODS = {"default": _default, "official": _official}
+_METHODS = {"default": _default, "official": _official, "learned": _learned}

@@ -14,6 +14,7 @@ texture (foreground = the whole image) when its border is not a plain background
 """
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from scipy import ndimage
 
 from .dataset import ClassData, good_image_for, relative_to_root, split_anomalies
 from .errors import UsageError, UserError
-from .files import image_size, read_rgb
+from .boxes import box_mask
+from .files import atomic_write_jsonl, image_size, read_rgb, save_image
 from .prompts import describe
 from .progress import progress_bar
 from .records import DEFAULT_OUTDIR, BoxParams, anomaly_key, compute_boxes, load_saved_boxes
@@ -275,3 +277,22 @@ def check_defect_types(requested, known):
     if unknown:
         raise UsageError(f"--defect_types: unknown {', '.join(unknown)}; known defect types: {', '.join(known)}")
     return sorted(set(wanted))
+
+
+def write_box_files(outdir, class_data: ClassData, counts, seed=0, jitter=0.5, min_coverage=0.9, train_fraction=1 / 3, stage1_dir=DEFAULT_OUTDIR):
+    """Draw the records and write OUTDIR/CLASS/: box masks, foreground masks and boxes.jsonl, then
+    remove the box masks of an earlier, larger run (they would pass for current ones). Returns
+    (records, texture)."""
+    records, objects, texture = random_box_records(class_data, counts, seed, jitter, min_coverage, train_fraction, stage1_dir=stage1_dir)
+    folder = boxes_path(outdir, class_data.name).parent
+    for record in records:
+        save_image(folder / record["box_mask"], box_mask(record["boxes"], record["height"], record["width"]))
+    for good, mask in objects.items():
+        width, height = image_size(good)
+        save_image(folder / "foreground" / f"{good.stem}.png", full_size(mask, width, height).astype("uint8") * 255)
+    atomic_write_jsonl(boxes_path(outdir, class_data.name), records)
+    current = {folder / r["box_mask"] for r in records}
+    for path in folder.glob("*/*.png"):
+        if path.parent.name != "foreground" and re.fullmatch(r"\d+\.png", path.name) and path not in current:
+            path.unlink()
+    return records, texture

@@ -16,7 +16,7 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from mvp_diff.dataset import split_anomalies
-from mvp_diff.draem import draem_anomaly, perlin_mask, synthesize
+from mvp_diff.draem import draem_anomaly, perlin_mask, write_draem_samples
 from mvp_diff.errors import UserError
 from mvp_diff.evaluation import metrics, pipeline, quality, segmentation
 from mvp_diff.evaluation.classification import classification_accuracy
@@ -348,25 +348,25 @@ def test_draem_mask_matches_blended_pixels(grey):
 def test_draem_synthesize_layout_and_resume(demo_dataset_master, tmp_path):
     goods = sorted((demo_dataset_master / "grid" / "train" / "good").glob("*.png"))[:3]
     folder = tmp_path / "grid"
-    records = synthesize(goods, folder, 4, seed=1, progress=False)
+    records = write_draem_samples(goods, folder, 4, seed=1, progress=False)
     def files():  # the class folder holds the MVTec pairs only; box masks are beside it
         return {p: p.read_bytes() for p in [*folder.rglob("*.png"), *(tmp_path / "grid_boxes").rglob("*.png")]}
 
     digest = files()
     assert len(digest) == 12 and len(list(folder.rglob("*.png"))) == 8
     for r in records:
-        image = read_rgb(folder / r["paths"]["image"])
-        mask = read_mask(folder / r["paths"]["mask"])
-        box = read_mask(folder / r["paths"]["box_mask"])
-        good = read_rgb(r["paths"]["good_image"])
-        assert np.array_equal(mask, (image != good).any(axis=2)) and r["mask_area"] == mask.sum()
+        image = read_rgb(folder / r.image)
+        mask = read_mask(folder / r.mask)
+        box = read_mask(folder / r.box_mask)
+        good = read_rgb(r.good_image)
+        assert np.array_equal(mask, (image != good).any(axis=2)) and r.mask_area == mask.sum()
         assert not (mask & ~box).any()
-        assert Image.open(folder / r["paths"]["image"]).mode == "L"  # grid stays grey
-    (folder / records[2]["paths"]["image"]).unlink()
-    synthesize(goods, folder, 4, seed=1, progress=False)  # resume: the same sample again
+        assert Image.open(folder / r.image).mode == "L"  # grid stays grey
+    (folder / records[2].image).unlink()
+    write_draem_samples(goods, folder, 4, seed=1, progress=False)  # resume: the same sample again
     assert files() == digest
     _, samples, _ = load_generated(tmp_path, "grid", dataset=demo_dataset_master)
-    assert [s.good_image for s in samples["draem"]] == [Path(r["paths"]["good_image"]) for r in records]
+    assert [s.good_image for s in samples["draem"]] == [Path(r.good_image) for r in records]
 
 
 # --- generated-folder reader ---------------------------------------------------------------------

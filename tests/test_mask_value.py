@@ -30,5 +30,7 @@ def test_pairs_paste_a_defect_smaller_than_its_box(demo_dataset_master, tmp_path
 def test_bad_flags_fail_in_one_line(tmp_path):
     proc = run_script("benchmarks/mask_value.py", "--out", tmp_path, "--image_size", 50, cwd=REPO, timeout=120)
     assert_user_error(proc, 2, "--image_size")
+    proc = run_script("benchmarks/mask_value.py", "--out", tmp_path, "--steps_per_epoch", 0, cwd=REPO, timeout=120)
+    assert_user_error(proc, 2, "--steps_per_epoch")
     proc = run_script("benchmarks/mask_value.py", "--out", tmp_path, "--dataset", tmp_path / "none", cwd=REPO, timeout=120)
     assert_user_error(proc, 1, str(tmp_path / "none"))

@@ -198,7 +198,7 @@ def test_box_formats_are_accepted():
 
 
 def test_official_method_runs_and_stays_inside_box():
-    assert MASK_METHODS == ("default", "official")
+    assert MASK_METHODS == ("default", "official", "learned")
     normal = texture(12)
     truth = disc(r=25)
     anomaly = vae_like(paint(normal, truth, "tinted"), 13)
@@ -343,3 +343,78 @@ def test_structure_term_sees_lost_texture_not_mild_blur_or_brightness_edges():
     step = normal + 60.0 * truth
     deep = cv2.erode(truth.astype(np.uint8), np.ones((15, 15), np.uint8)) > 0
     assert _structure_change(step, normal, 1.0, 0.1)[outer | deep].max() < 0.05
+
+
+def test_learned_head_loads_and_predicts_deterministically():
+    """The shipped weights file matches the features computed here, and its probabilities are
+    repeatable and in 0..1."""
+    from mvp_diff.masks import (
+        FEATURES,
+        MASK_HEAD,
+        load_mask_head,
+        mask_features,
+        mask_head_probability,
+    )
+
+    head = load_mask_head()
+    assert MASK_HEAD.stat().st_size < 20_000
+    assert head["w1"].shape[0] == len(FEATURES) and 0 < head["low"] <= head["high"] < 1
+    normal = texture(50)
+    anomaly = vae_like(paint(normal, disc(), "darker"), 51)
+    features, _, inside = mask_features(anomaly, normal, BOX > 0)
+    assert features.shape == (inside.sum(), len(FEATURES)) and np.isfinite(features).all()
+    prob = mask_head_probability(features, head)
+    assert np.array_equal(prob, mask_head_probability(features.copy(), head))
+    assert prob.min() >= 0 and prob.max() <= 1 and prob.max() > 0.9
+    first = extract_mask(anomaly, normal, BOX, method="learned")
+    assert np.array_equal(first, extract_mask(anomaly, normal, BOX, method="learned"))
+
+
+@pytest.mark.parametrize("colour", [True, False])
+def test_learned_method_finds_a_defect_and_leaves_unchanged_boxes_empty(colour):
+    normal = texture(52, colour)
+    assert not extract_mask(normal.copy(), normal, BOX, method="learned").any()
+    assert not extract_mask(vae_like(normal, 53), normal, BOX, method="learned").any()
+    truth = disc()
+    anomaly = vae_like(paint(normal, truth, "darker"), 54)
+    assert iou(extract_mask(anomaly, normal, BOX, method="learned"), truth) > 0.85
+    assert iou(extract_mask(anomaly, normal, BOX, method="learned", reference=vae_like(normal, 55)), truth) > 0.85
+
+
+def test_learned_method_without_weights_is_a_user_error(tmp_path):
+    normal = texture(56)
+    with pytest.raises(UserError, match="train_mask_head.py"):
+        extract_mask(normal, normal, BOX, method="learned", weights=str(tmp_path / "missing.npz"))
+
+
+def test_stage3_settings_name_the_mask_method_version(tmp_path):
+    """A rerun after the mask method changed does not add to a folder of older masks; a folder
+    written before the version was recorded, without precise masks, still resumes."""
+    import json
+
+    from mvp_diff.masks import MASK_METHOD_VERSIONS, mask_method_version
+    from mvp_diff.synthesis import SAMPLES_DIR, SETTINGS_FILE, SampleStore, Settings
+
+    settings = Settings(checkpoint="ckpt", lora=None, extract_mask=True)
+    assert settings.fingerprint()["mask_version"] == f"default {MASK_METHOD_VERSIONS['default']}"
+    assert mask_method_version("learned").startswith(f"learned {MASK_METHOD_VERSIONS['learned']}-")
+    SampleStore(tmp_path).prepare(settings)
+    path = tmp_path / SAMPLES_DIR / SETTINGS_FILE
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "mask_version": "default 0"}))
+    with pytest.raises(UserError, match="mask_version"):
+        SampleStore(tmp_path).prepare(settings)
+    boxes = Settings(checkpoint="ckpt", lora=None)
+    old = {k: v for k, v in boxes.fingerprint().items() if k != "mask_version"}
+    path.write_text(json.dumps(old))
+    SampleStore(tmp_path).prepare(boxes)
+
+
+def test_mask_head_training_script_writes_usable_weights(tmp_path):
+    out = tmp_path / "head.npz"
+    args = ("--pairs", 2, "--val_pairs", 2, "--steps", 20, "--hidden", 4, "--output", out)
+    proc = run_script("benchmarks/train_mask_head.py", *args, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "chosen: low" in proc.stdout
+    normal = texture(57)
+    assert extract_mask(normal, normal, BOX, method="learned", weights=str(out)).shape == BOX.shape

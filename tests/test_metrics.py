@@ -109,3 +109,23 @@ def test_pooled_iou_at_f1_max_is_f1_over_two_minus_f1():
     assert out["aupro"] == pytest.approx(metrics.aupro(maps, masks))
     assert out["per_image_iou"] == pytest.approx(metrics.per_image_best_iou(maps, masks))
     assert out["image_f1_max"] == pytest.approx(metrics.image_f1_max(masks.any((1, 2)), maps.max((1, 2))))
+
+
+def test_peer_f1_uses_21_thresholds_and_strict_greater():
+    """AnomalyDiffusion's pixel F1-max (test-localization.py): thresholds 0, 0.05, ..., 1, `score > t`.
+    A hand-made case where `>=` at every threshold would reach F1 1 but the peer's rule cannot."""
+    scores = np.array([0.5, 0.5, 0.2, 0.0])
+    labels = np.array([1, 1, 0, 0], bool)
+    # t = 0.2: > keeps the two 0.5s exactly -> F1 1; t = 0.5: nothing positive.
+    assert metrics.f1_max_at_thresholds(scores, labels) == pytest.approx(1.0, abs=1e-6)
+    labels = np.array([1, 1, 1, 0], bool)  # the 0.2 pixel is positive too: best is t = 0.15 (> keeps all three)
+    assert metrics.f1_max_at_thresholds(scores, labels) == pytest.approx(1.0, abs=1e-6)
+    labels = np.array([1, 0, 0, 0], bool)  # ties at 0.5 cannot be split: P = 1/2, R = 1
+    assert metrics.f1_max_at_thresholds(scores, labels) == pytest.approx(2 / 3, abs=1e-6)
+    rng = np.random.default_rng(0)
+    scores, labels = rng.random(500), rng.random(500) < 0.3
+    brute = max(
+        2 * (labels & (scores > t)).sum() / ((scores > t).sum() + labels.sum()) if (scores > t).any() else 0.0
+        for t in np.arange(0, 1.0001, 0.05)
+    )
+    assert metrics.f1_max_at_thresholds(scores, labels) == pytest.approx(brute, abs=1e-6)

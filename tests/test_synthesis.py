@@ -23,7 +23,7 @@ from mvp_diff.dataset import load_class
 from mvp_diff.files import read_jsonl, read_rgb
 from mvp_diff.prompts import describe
 from mvp_diff.random_boxes import foreground, is_texture, random_box_records, real_box_stats
-from mvp_diff.synthesis import Sample, Settings, is_done, load_pipeline, pick_variant, rebuild_manifest, write_sample
+from mvp_diff.synthesis import PlannedSample, SampleStore, Settings, load_pipeline, pick_variant
 
 FAST = ["--resolution", "64", "--num_inference_steps", "4"]
 
@@ -443,21 +443,26 @@ def test_empty_masks_are_flagged_or_skipped(tmp_path):
     empty = np.zeros((16, 16), bool)
     for skip in (False, True):
         out = tmp_path / f"skip{skip}"
-        sample = Sample(0, "000", "crack", "a widget", 0, [[4, 4, 8, 8]], good.resolve(), tmp_path / "box.png", 16, 16)
-        entry = write_sample(out, sample, image, empty, box, Settings(checkpoint="c", lora=None, skip_empty=skip), "widget")
-        assert "empty_mask" in entry["flags"] and entry["mask_area"] == 0
-        assert is_done(out, sample)
-        assert len(rebuild_manifest(out)) == (0 if skip else 1)
+        sample = PlannedSample(0, "000", "crack", "a widget", 0, [[4, 4, 8, 8]], good.resolve(), tmp_path / "box.png", 16, 16)
+        store = SampleStore(out)
+        entry = store.write_sample(sample, image, empty, box, Settings(checkpoint="c", lora=None, skip_empty=skip), "widget")
+        assert "empty_mask" in entry.flags and entry.mask_area == 0
+        assert store.is_done(sample)
+        assert len(store.rebuild_manifest()) == (0 if skip else 1)
         assert (out / "test" / "crack" / "000.png").is_file() != skip
 
 
 def test_official_mask_method_runs(workdir):
     in_process(random_box, "--classname", "bottle", "--num", 2, cwd=workdir)
     in_process(inpainting, "--classname", "bottle", "--extract_mask", "--mask_method", "official", "--output", "off", *FAST, cwd=workdir)
-    for e in manifest(workdir / "off" / "bottle"):
-        assert e["mask_method"] == "official"
+    entries = manifest(workdir / "off" / "bottle")
+    assert len(entries) == 2
+    for e in entries:
         mask = png(workdir / "off" / "bottle" / e["mask"]) > 0
-        assert not mask[png(workdir / "off" / "bottle" / e["box_mask"]) == 0].any()
+        box = png(workdir / "off" / "bottle" / e["box_mask"]) > 0
+        assert e["mask_method"] == "official" and e["mask_area"] == mask.sum() and "empty_mask" not in e["flags"]
+        # A precise mask: something found, nothing outside the box, and not simply the box.
+        assert mask.any() and not mask[~box].any() and mask.sum() < box.sum(), (mask.sum(), box.sum())
 
 
 def test_grey_class_stays_grey_and_box_is_the_mask_without_extract_mask(workdir):

@@ -34,9 +34,10 @@ def work(demo_dataset_master, tmp_path_factory):
     shutil.copytree(demo_dataset_master, dataset)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / OUTSIDE)
     ds = ["--classname", "bottle", "--dataset", dataset]
-    run_script("boundbox.py", *ds, check=True)
+    run_script("boundbox.py", *ds, "--outdir", root / "script", check=True)
     run_script("location_describer.py", *ds, "--outdir", root / "script", check=True)
-    run_script("random_box.py", *ds, "--outdir", root / "mask", "--num", "4", check=True)
+    run_script("random_box.py", *ds, "--stage1_dir", root / "script", "--outdir", root / "mask", "--num", "4", check=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "script" / "bottle" / "bbox" / "small_mask.png")
     build_standin(dataset, "bottle", root / "generated", num=2)
     return root
 
@@ -72,17 +73,6 @@ def with_field(key, value):
     return lambda record: {**record, key: value}
 
 
-def with_path_field(key, value):
-    """Set `key` in a manifest record, inside its `paths` object when it has one."""
-
-    def change(record):
-        if "paths" in record:
-            return {**record, "paths": {**record["paths"], key: value}}
-        return {**record, key: value}
-
-    return change
-
-
 def absolute(name):
     return lambda root: str(root / name)
 
@@ -108,13 +98,13 @@ def assert_refused(work, output, target, edit, command, capsys, *needles):
     assert before == after, sorted(before ^ after)
 
 
-def boxes_json(work):
-    return work / "dataset" / "bottle" / "bbox" / "boxes.json"
+def boxes_json(stage1_dir):
+    return stage1_dir / "bottle" / "bbox" / "boxes.json"
 
 
-def edit_boxes_json(change):
+def edit_boxes_json(change, stage1_dir):
     def edit(work):
-        path = boxes_json(work)
+        path = boxes_json(stage1_dir)
         saved = json.loads(path.read_text())
         change(saved, work)
         path.write_text(json.dumps(saved))
@@ -152,9 +142,15 @@ BOXES_JSON_CASES = {
 def test_stage1_box_file_readers(work, capsys, case, script):
     change, *needles = BOXES_JSON_CASES[case]
     output = work / "run"
-    main = {"location_describer": location_describer.main, "random_box": random_box.main}[script]
-    argv = ["--classname", "bottle", "--dataset", work / "dataset", "--outdir", output] + (["--num", "2"] if script == "random_box" else [])
-    assert_refused(work, output, boxes_json(work), edit_boxes_json(change), (main, argv), capsys, "boxes.json", *needles)
+    argv = ["--classname", "bottle", "--dataset", work / "dataset", "--outdir", output]
+    if script == "location_describer":  # it reads boxes.json from its own --outdir: a copy there
+        shutil.copytree(work / "script" / "bottle" / "bbox", output / "bottle" / "bbox")
+        stage1_dir, main = output, location_describer.main
+    else:
+        stage1_dir, main = work / "script", random_box.main
+        argv += ["--stage1_dir", stage1_dir, "--num", "2"]
+    target = boxes_json(stage1_dir)
+    assert_refused(work, output, target, edit_boxes_json(change, stage1_dir), (main, argv), capsys, "boxes.json", *needles)
 
 
 def train_file(work):
@@ -184,8 +180,8 @@ TRAIN_CASES = {
     "class ../x": (train_file, set_field("class", "../x"), 'field "class"'),
     "image outside the dataset": (train_file, set_field("image", "../" + OUTSIDE), 'field "image"', "points outside"),
     "image absolute outside": (train_file, set_field("image", absolute(OUTSIDE)), 'field "image"', "points outside"),
-    "box mask outside the dataset": (train_file, set_field("bbox_mask", "bottle/../../" + OUTSIDE), 'field "bbox_mask"'),
-    "box mask of another size": (train_file, set_field("bbox_mask", "grid/train/good/000.png"), "line 2", "box mask"),
+    "box mask outside its folder": (train_file, set_field("bbox_mask", "bottle/../../" + OUTSIDE), 'field "bbox_mask"'),
+    "box mask of another size": (train_file, set_field("bbox_mask", "bottle/bbox/small_mask.png"), "line 2", "box mask"),
     "text not a string": (train_file, set_field("text", ["../x"]), 'field "text"'),
     "validation good image outside": (validation_file, set_field("good_image", "../" + OUTSIDE), "bottle_test.jsonl line 2", 'field "good_image"'),
 }
@@ -199,7 +195,7 @@ def test_stage2_record_reader(work, tiny_checkpoint, capsys, case):
             "--train_file", train_file(work), "--validation_file", validation_file(work), "--output_dir", output, "--report_to", "none"]  # fmt: skip
     if case == "box mask of another size":
         record = json.loads(train_file(work).read_text().splitlines()[1])
-        assert image_size(work / "dataset" / record["image"]) != image_size(work / "dataset" / "grid" / "train" / "good" / "000.png")
+        assert image_size(work / "dataset" / record["image"]) != image_size(work / "script" / "bottle" / "bbox" / "small_mask.png")
     assert_refused(work, output, file(work), edit_line(file, change), (train_diffusion.main, argv), capsys, file(work).name, *needles)
 
 
@@ -270,7 +266,7 @@ EVALUATE_CASES = {
     "class ../x": (with_field("class", "../x"), 'field "class"'),
     "defect_type ../../../escaped": (with_field("defect_type", "../../../escaped"), 'field "defect_type"'),
     "defect_type absolute": (with_field("defect_type", "/elsewhere"), 'field "defect_type"'),
-    "good image outside the dataset": (with_path_field("good_image", "../../" + OUTSIDE), 'field "good_image"', "points outside"),
+    "good image outside the dataset": (with_field("good_image", "../../" + OUTSIDE), 'field "good_image"', "points outside"),
     "non-numeric box": (with_field("boxes", [[0, 0, "4", 4]]), 'field "boxes"'),
     "box outside the image": (with_field("boxes", [[0, 0, 4, 100000]]), 'field "boxes"', "inside the"),
 }

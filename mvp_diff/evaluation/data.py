@@ -22,13 +22,12 @@ from ..boxes import box_mask
 from ..dataset import BBOX_DIR, GOOD, ClassData, generated_boxes_dir, image_files, load_class, masks_by_stem, pair_masks, split_anomalies
 from ..errors import UserError
 from .. import untrusted
-from ..files import image_size, read_jsonl_numbered, read_mask
-
-MANIFEST = "manifest.jsonl"
+from ..files import image_size, read_mask
+from ..manifest import MANIFEST, read_manifest
 
 
 @dataclass
-class Sample:
+class LabeledImage:
     """One image with its pixel mask (None: defect-free, all zero)."""
 
     image: Path
@@ -49,11 +48,11 @@ class RealSplit:
     """The real data of one class, split the field's way, plus the validation part we carve out."""
 
     class_data: ClassData
-    generator_train: dict  # defect -> [Sample]: first third, may have trained the generator
-    train_anomalies: dict  # defect -> [Sample]: generator_train minus validation
-    val_anomalies: dict  # defect -> [Sample]
-    test_anomalies: dict  # defect -> [Sample]: the other two thirds, never seen by any generator
-    train_good: list  # [Sample] train/good minus validation
+    generator_train: dict  # defect -> [LabeledImage]: first third, may have trained the generator
+    train_anomalies: dict  # defect -> [LabeledImage]: generator_train minus validation
+    val_anomalies: dict  # defect -> [LabeledImage]
+    test_anomalies: dict  # defect -> [LabeledImage]: the other two thirds, never seen by any generator
+    train_good: list  # [LabeledImage] train/good minus validation
     val_good: list
     test_good: list  # test/good
     notes: list = field(default_factory=list)
@@ -109,19 +108,19 @@ def real_split(dataset, classname, mask_suffix="_mask", train_fraction=1 / 3, va
     gen_train, train, val, test, notes = {}, {}, {}, {}, []
     for defect in class_data.defect_types:
         first, rest = first_share(class_data.anomalies[defect], train_fraction, rounding)
-        first = [Sample(a.image, a.mask, defect) for a in first]
+        first = [LabeledImage(a.image, a.mask, defect) for a in first]
         gen_train[defect] = first
         train[defect], val[defect] = _held_out(first, val_fraction, rng)
-        test[defect] = [Sample(a.image, a.mask, defect) for a in rest]
+        test[defect] = [LabeledImage(a.image, a.mask, defect) for a in rest]
         if not rest:
             notes.append(f"{classname}/{defect}: no real anomalies left for the test split ({len(first)} in all); its test row is skipped")
         if not val[defect] and val_fraction > 0:
             notes.append(f"{classname}/{defect}: only {len(first)} generator-train anomaly; none held out for validation")
     for anomaly in class_data.empty_masks:
         notes.append(f"{anomaly.image}: empty mask; left out as Stage 1 does")
-    goods = [Sample(p) for p in class_data.train_good]
+    goods = [LabeledImage(p) for p in class_data.train_good]
     train_good, val_good = _held_out(goods, val_fraction, rng)
-    test_good = [Sample(p) for p in class_data.test_good]
+    test_good = [LabeledImage(p) for p in class_data.test_good]
     return RealSplit(class_data, gen_train, train, val, test, train_good, val_good, test_good, notes)
 
 
@@ -144,7 +143,7 @@ def generated_class_dir(generated, classname) -> Path:
         return root
     if (root / "test").is_dir():  # the class folder itself: its manifest must not name another class
         manifest = root / MANIFEST
-        named = {r.get("class") for _, r in read_manifest(manifest)} - {None} if manifest.is_file() else set()
+        named = {entry.classname for _, entry in read_manifest(manifest)} - {None} if manifest.is_file() else set()
         named = named or {root.name}  # no class in a manifest: the folder's name says it
         if named != {classname}:
             raise UserError(f"--generated {root} holds {', '.join(sorted(named))} samples, not {classname}; pass the folder above it or the {classname} folder")
@@ -156,33 +155,14 @@ def generated_class_dir(generated, classname) -> Path:
     )
 
 
-def read_manifest(path):
-    """(line number, record) of a manifest.jsonl, its names checked: generated folders are shared and
-    downloaded, and their names become gallery and report paths."""
-    records = read_jsonl_numbered(path)
-    for lineno, record in records:
-        for key in ("class", "defect_type"):
-            if record.get(key) is not None:
-                untrusted.component(record[key], untrusted.field_at(path, lineno, key))
-        paths = untrusted.json_object(record.get("paths") or record, untrusted.field_at(path, lineno, "paths"))
-        for key in ("image", "good_image"):
-            if paths.get(key):
-                untrusted.relative_path(paths[key], untrusted.field_at(path, lineno, key))
-    return records
-
-
 def _manifest_index(folder: Path):
-    """{(defect_type, image file name): (line number, record)} from manifest.jsonl, or {} without one."""
+    """{(defect_type, image file name): (line number, GeneratedSample)} from manifest.jsonl (its fields
+    checked by `read_manifest`: generated folders are shared and downloaded, and their names become
+    gallery and report paths), or {} without one."""
     path = folder / MANIFEST
     if not path.is_file():
         return {}
-    index = {}
-    for lineno, record in read_manifest(path):
-        paths = record.get("paths") or record
-        image = paths.get("image")
-        if image:
-            index[(record.get("defect_type") or Path(image).parent.name, Path(image).name)] = (lineno, record)
-    return index
+    return {(entry.defect_type, Path(entry.image).name): (lineno, entry) for lineno, entry in read_manifest(path)}
 
 
 def _good_image(folder, value, dataset, where):
@@ -210,23 +190,20 @@ def _load_anomalydiffusion(folder: Path):
         if not images:
             raise UserError(f"{ddir / 'image'}: no generated images in this defect-type folder; generate some or remove it")
         pairs = pair_masks(images, ddir / "mask", mask_suffix="")  # same file name as the image
-        samples[ddir.name] = [Sample(im, mask, ddir.name) for im, mask in pairs.items()]
+        samples[ddir.name] = [LabeledImage(im, mask, ddir.name) for im, mask in pairs.items()]
     return folder, samples, [f"{folder}: AnomalyDiffusion layout (DEFECT/image, DEFECT/mask), which has no box masks"]
 
 
-def _manifest_boxes(record, image, where):
-    """The manifest's boxes of a sample (a list of boxes, or one box), checked against its image."""
-    found = record.get("boxes") or record.get("box")
-    if not found:
+def _manifest_boxes(entry, image, where):
+    """The manifest's boxes of a sample, checked against its image."""
+    if entry is None or entry.boxes is None:
         return None
     width, height = image_size(image)
-    if isinstance(found, list) and not isinstance(found[0], list):
-        found = [found]  # one box
-    return untrusted.boxes(found, width, height, where)
+    return untrusted.boxes(entry.boxes, width, height, where)
 
 
 def load_generated(generated, classname, mask_suffix="_mask", dataset=None):
-    """{defect: [Sample]} of a generated folder, and notes. Pairing and sizes are checked up front;
+    """{defect: [LabeledImage]} of a generated folder, and notes. Pairing and sizes are checked up front;
     a manifest's defect-free images must lie in `dataset` or the generated folder."""
     folder = generated_class_dir(generated, classname)
     if (folder / BBOX_DIR).is_dir():
@@ -252,18 +229,17 @@ def load_generated(generated, classname, mask_suffix="_mask", dataset=None):
             box = boxes.get(im.stem)
             if box is not None and image_size(box) != image_size(im):
                 raise UserError(f"{im} is {image_size(im)} but its box mask {box} is {image_size(box)} (width, height); they must match")
-            lineno, record = manifest.get((ddir.name, im.name), (None, {}))
-            paths = record.get("paths") or record
-            good = _good_image(folder, paths.get("good_image"), dataset, untrusted.field_at(folder / MANIFEST, lineno, "good_image"))
+            lineno, entry = manifest.get((ddir.name, im.name), (None, None))
+            good = _good_image(folder, entry and entry.good_image, dataset, untrusted.field_at(folder / MANIFEST, lineno, "good_image"))
             found.append(
-                Sample(
+                LabeledImage(
                     im,
                     mask,
                     ddir.name,
                     box_mask=box,
                     good_image=good if good is not None and good.is_file() else None,
-                    boxes=_manifest_boxes(record, im, untrusted.field_at(folder / MANIFEST, lineno, "boxes")),
-                    prompt=record.get("prompt") or record.get("text"),
+                    boxes=_manifest_boxes(entry, im, untrusted.field_at(folder / MANIFEST, lineno, "boxes")),
+                    prompt=entry and entry.prompt,
                 )
             )
             if found[-1].box_mask is None and found[-1].boxes:
@@ -280,18 +256,15 @@ def box_mask_files(folder: Path, defect: str, mask_suffix="_mask"):
     return masks_by_stem(generated_boxes_dir(folder) / defect, mask_suffix, strict=False)
 
 
-def read_box_mask(sample: Sample):
+def read_box_mask(sample: LabeledImage):
     """bool box mask of a generated sample: its CLASS_boxes/DEFECT/NNN_mask.png, else drawn from the manifest's boxes."""
     if sample.box_mask is not None:
         return read_mask(sample.box_mask)
     width, height = image_size(sample.image)
-    boxes = sample.boxes
-    if boxes and not isinstance(boxes[0], (list, tuple)):
-        boxes = [boxes]
-    return box_mask(boxes, height, width) > 0
+    return box_mask(sample.boxes, height, width) > 0
 
 
-def has_box(sample: Sample):
+def has_box(sample: LabeledImage):
     return sample.box_mask is not None or bool(sample.boxes)
 
 

@@ -69,6 +69,25 @@ def _f1_max(tps, fps, thresholds):
     return float(f1[best]), float(thresholds[best]), float(iou)
 
 
+# sjtuplayer/anomalydiffusion test-localization.py: pixel F1-max over the 21 thresholds 0, 0.05, ..., 1
+# with `score > t` and an epsilon of 1e-8 in every ratio, on maps in [0, 1] (softmax scores).
+PEER_F1_THRESHOLDS = np.arange(0.0, 1.0 + 1e-3, 0.05)
+
+
+def f1_max_at_thresholds(scores, labels, thresholds=PEER_F1_THRESHOLDS, eps=1e-8):
+    """Best pixel F1 over fixed thresholds, a pixel positive when score > threshold (AnomalyDiffusion's
+    rule; it differs from f1_max, which takes every threshold and `>=`)."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).astype(bool).ravel()
+    best = -math.inf
+    for t in thresholds:
+        predicted = scores > t
+        tp = np.logical_and(labels, predicted).sum()
+        precision, recall = tp / (predicted.sum() + eps), tp / (labels.sum() + eps)
+        best = max(best, 2 * precision * recall / (precision + recall + eps))
+    return float(best)
+
+
 def image_f1_max(labels, scores):
     """Best F1 of image scores against image labels over every threshold, as AnomalyDiffusion
     (`test-localization.py`) and LFD (`models/_LFD.py`) take it from scikit-learn's

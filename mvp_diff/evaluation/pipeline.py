@@ -16,12 +16,12 @@ import torch
 
 from .. import __version__
 from ..checkpoint import is_offline
-from ..draem import synthesize
+from ..draem import write_draem_samples
 from ..errors import UserError
 from ..files import read_mask
 from .cache import reuse_or_compute
 from .classification import RESNET34, classification_accuracy
-from .data import Sample, check_no_leak, first_share, has_box, load_generated, real_split
+from .data import LabeledImage, check_no_leak, first_share, has_box, load_generated, real_split
 from .gallery import gallery_for_class
 from .generation_quality import Lpips, lpips_nets, quality_for_class
 from .protocols import PROTOCOLS, Protocol
@@ -33,7 +33,7 @@ from .quality import (
 from .results import ClassResult, EvaluationResult, SegmentationResult, SettingResult
 from .segmentation import PairDataset, TrainConfig, all_metrics, evaluate_model, predict, train_model
 
-SETTINGS = {
+DOWNSTREAM_SETTINGS = {
     "a": "real train-split anomalies only",
     "b": "(a) + generated, precise masks",
     "c": "(a) + generated, box masks",
@@ -147,8 +147,8 @@ def draem_samples(cfg, split, work, num):
     # A folder per (seed, good images, sources): a rerun with other inputs never reuses old samples.
     made_from = zlib.crc32(json.dumps([cfg.seed, [str(p) for p in goods], [str(p) for p in sources or []]]).encode())
     class_dir = work.parent.parent / "draem" / f"{split.class_data.name}-{made_from:08x}"
-    records = synthesize(goods, class_dir, num, cfg.seed, sources)
-    return [Sample(class_dir / r["paths"]["image"], class_dir / r["paths"]["mask"], "draem") for r in records]
+    records = write_draem_samples(goods, class_dir, num, cfg.seed, sources)
+    return [LabeledImage(class_dir / r.image, class_dir / r.mask, "draem") for r in records]
 
 
 def usable_pairs(name, gen_name, generated, cap, notes):
@@ -262,7 +262,7 @@ def check_weights(cfg):
 
 
 def load_generators(cfg, split, notes):
-    """{generator name: {defect: [Sample]}} and {generator name: its class folder}."""
+    """{generator name: {defect: [LabeledImage]}} and {generator name: its class folder}."""
     name = split.class_data.name
     generated, folders = {}, {}
     for gen_name, path in cfg.generated.items():
@@ -360,7 +360,7 @@ def evaluate(cfg: EvalConfig):
         "train_fraction": cfg.train_fraction,
         "val_fraction": val_fraction,
         "train": {k: v for k, v in asdict(cfg.train).items() if k not in ("device",)},
-        "settings": {k: SETTINGS[k] for k in cfg.settings},
+        "settings": {k: DOWNSTREAM_SETTINGS[k] for k in cfg.settings},
         "generators": list(cfg.generated),
         "isc_splits": cfg.isc_splits,
         "is_size": IS_SIZE,

@@ -19,7 +19,7 @@ class Protocol:
     name: str
     reference: str  # the files this definition is read from
     split_rounding: str  # "ceil" or "floor": how many of a defect type's anomalies (sorted by name) trained the generator
-    settings: tuple  # downstream training mixes, see pipeline.SETTINGS
+    settings: tuple  # downstream training mixes, see pipeline.DOWNSTREAM_SETTINGS
     max_generated_per_type: int = None  # generated pairs per defect type in a training mix (None: all)
     epochs: int = 100
     steps_per_epoch: int = None  # None: ceil(train/good / half batch), so every setting gets the same steps
@@ -69,8 +69,9 @@ PROTOCOLS = {
         selection="last",
         peer_selection="test: best image AUROC + pixel AUROC + pixel AP + AUPRO",
         image_score_pool=21,
-        published={"AnomalyDiffusion (its paper, MVTec AD mean)": {"pixel_auroc": 0.991, "pixel_ap": 0.814, "pixel_f1_max": 0.763}},
-        notes=("Pixel F1-max here is taken over every threshold; the peer's script scans 21 thresholds (0, 0.05, ..., 1) with `>`.",),
+        metrics=("pixel_auroc", "pixel_ap", "pixel_f1_max_21", "pixel_f1_max", "aupro") + IMAGE,
+        published={"AnomalyDiffusion (its paper, MVTec AD mean)": {"pixel_auroc": 0.991, "pixel_ap": 0.814, "pixel_f1_max_21": 0.763}},
+        notes=("Pixel F1-max (21 thr.) is the peer's rule: thresholds 0, 0.05, ..., 1 with `>`; pixel F1-max takes every threshold.",),
     ),
     # Dan5N/SeaS with its segmenter HUST-SLOW/LFD (models/_LFD.py, utils/utils.py, datasets/mvtec_ad.py):
     # segmenters train on the generated pairs + the first floor(n/3) real anomalies + train/good and are

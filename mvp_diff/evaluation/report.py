@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .pipeline import SETTINGS
+from .pipeline import DOWNSTREAM_SETTINGS
 from .protocols import PUBLISHED_QUALITY
 from .quality import IC_LPIPS_KEYS, IC_LPIPS_SOURCES, SEAS_CLUSTER_CAP, SEAS_IMAGES
 from .results import EvaluationResult
@@ -19,6 +19,7 @@ METRIC_LABELS = {
     "pixel_auroc": "pixel AUROC",
     "pixel_ap": "pixel AP",
     "pixel_f1_max": "pixel F1-max",
+    "pixel_f1_max_21": "pixel F1-max (21 thr.)",
     "aupro": "AUPRO (FPR 0.3)",
     "iou_per_image": "IoU per image (SeaS/LFD)",
     "iou_val_threshold": "IoU (val. threshold)",
@@ -49,7 +50,7 @@ def _table(header, rows):
 
 def setting_label(key):
     setting, _, generator = key.partition(":")
-    return f"({setting}) {generator}" if generator else f"({setting}) {SETTINGS[setting]}"
+    return f"({setting}) {generator}" if generator else f"({setting}) {DOWNSTREAM_SETTINGS[setting]}"
 
 
 def segmentation_table(metrics, settings):

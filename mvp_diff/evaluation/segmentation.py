@@ -28,7 +28,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..files import read_mask, read_rgb
 from ..progress import progress_bar
 from .data import read_box_mask
-from .metrics import aupro, auroc, average_precision, f1_max, image_f1_max, per_image_best_iou, segmentation_metrics
+from .metrics import (
+    aupro,
+    auroc,
+    average_precision,
+    f1_max,
+    f1_max_at_thresholds,
+    image_f1_max,
+    per_image_best_iou,
+    segmentation_metrics,
+)
 
 # --- model ---------------------------------------------------------------------------------------
 
@@ -288,6 +297,7 @@ def all_metrics(maps, masks, labels, pool=1, val_threshold=None):
     out["image_auroc"] = auroc(scores, labels)
     out["image_ap"] = average_precision(scores, labels)
     out["image_f1_max"] = image_f1_max(labels, scores)
+    out["pixel_f1_max_21"] = f1_max_at_thresholds(maps, masks)
     out["aupro"] = aupro(maps, masks)
     out["iou_per_image"] = per_image_best_iou(maps[labels], masks[labels]) if labels.any() else math.nan
     return out

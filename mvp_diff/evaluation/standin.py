@@ -14,9 +14,10 @@ from ..progress import progress_bar
 
 from ..boxes import box_mask, boxes_from_mask
 from ..cli_args import add_dataset_args
-from ..dataset import class_relative, generated_paths, load_class, split_anomalies
+from ..dataset import load_class, split_anomalies
 from ..errors import UsageError, cli
-from ..files import atomic_write_jsonl, is_grey, read_mask, read_rgb, save_image
+from ..files import is_grey, read_mask, read_rgb, save_image
+from ..manifest import GeneratedSample, write_manifest
 from ..prompts import describe
 
 
@@ -38,33 +39,18 @@ def build_standin(dataset, classname, out, num=10, seed=0, train_fraction=1 / 3,
             out_image[mask] = image[mask]
             mask &= (out_image != good).any(axis=2)
             boxes, _ = boxes_from_mask(mask, min_area=1)
-            name = f"{i:03d}"
-            image_path, mask_path, box_path = generated_paths(folder, defect, name)
-            paths = {
-                "image": image_path.relative_to(folder).as_posix(),
-                "mask": mask_path.relative_to(folder).as_posix(),
-                "box_mask": class_relative(box_path, folder),
-                "good_image": str(Path(good_path).resolve()),
-            }
             height, width = mask.shape
-            save_image(folder / paths["mask"], mask.astype(np.uint8) * 255)
-            save_image(folder / paths["box_mask"], box_mask(boxes, height, width))
-            grey = is_grey(good_path)
-            save_image(folder / paths["image"], out_image[..., 0] if grey else out_image)
-            records.append(
-                {
-                    "index": len(records),
-                    "defect_type": defect,
-                    "prompt": describe(classname, defect, boxes, width, height) if boxes else None,
-                    "seed": seed,
-                    "boxes": boxes,
-                    "paths": paths,
-                    "mask_area": int(mask.sum()),
-                    "mask_method": "paste",
-                    "flags": [] if mask.any() else ["empty_mask"],
-                }
-            )
-    atomic_write_jsonl(folder / "manifest.jsonl", records)
+            sample = GeneratedSample.at(
+                folder, len(records), defect, f"{i:03d}", prompt=describe(classname, defect, boxes, width, height) if boxes else None, seed=seed,
+                boxes=boxes or None, good_image=str(Path(good_path).resolve()), mask_area=int(mask.sum()), mask_method="paste",
+                flags=[] if mask.any() else ["empty_mask"], width=width, height=height,
+            )  # fmt: skip
+            image_path, mask_path, box_path = sample.files(folder)
+            save_image(mask_path, mask.astype(np.uint8) * 255)
+            save_image(box_path, box_mask(boxes, height, width))
+            save_image(image_path, out_image[..., 0] if is_grey(good_path) else out_image)
+            records.append(sample)
+    write_manifest(folder, records)
     return folder
 
 
