@@ -21,8 +21,8 @@ from mvp_diff.cli_args import ArgumentParser, add_dataset_args, non_negative_int
 from mvp_diff.errors import UsageError, cli
 from mvp_diff.extras import require_extra
 from mvp_diff.run_lock import run_lock
-from mvp_diff.untrusted import flag_name
 from mvp_diff.synthesis import WRITE_WORKERS, Settings, synthesize
+from mvp_diff.untrusted import flag_name
 
 
 def str2bool(value):
