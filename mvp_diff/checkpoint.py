@@ -132,12 +132,3 @@ def inpaint_pipeline(unet, vae, text_encoder, tokenizer, scheduler):
                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def __getattr__(name):
-    # The builder's former home; `mvp_diff.demo_checkpoint` is where it lives.
-    if name == "build_tiny_inpainting_checkpoint":
-        from .demo_checkpoint import build_tiny_inpainting_checkpoint
-
-        return build_tiny_inpainting_checkpoint
-    raise AttributeError(name)

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from .progress import progress_bar
 
 from .boxes import box_mask, boxes_from_mask
 from .dataset import generated_paths, load_class, move_legacy_generated_boxes
 from .errors import UsageError, UserError, cli
 from .files import IMAGE_EXTENSIONS, is_grey, read_mask, read_rgb, save_image
 from .manifest import GeneratedSample, write_manifest
+from .progress import progress_bar
 
 DEFECT_TYPE = "draem"
 

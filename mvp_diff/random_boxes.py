@@ -22,12 +22,12 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from .boxes import box_mask
 from .dataset import ClassData, good_image_for, relative_to_root, split_anomalies
 from .errors import UsageError, UserError
-from .boxes import box_mask
 from .files import atomic_write_jsonl, image_size, read_rgb, save_image
-from .prompts import describe
 from .progress import progress_bar
+from .prompts import describe
 from .records import DEFAULT_OUTDIR, BoxParams, anomaly_key, compute_boxes, load_saved_boxes
 
 WORK_SIZE = 256  # foreground is estimated at this size (longer side), then scaled back

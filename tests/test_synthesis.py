@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, assert_user_error, in_process, run_script
 from PIL import Image
 
 import inpainting
 import random_box
-from conftest import REPO, assert_user_error, in_process, run_script
 from mvp_diff.boxes import box_mask
 from mvp_diff.dataset import load_class
 from mvp_diff.files import read_jsonl, read_rgb
@@ -250,7 +250,7 @@ def test_seed_command_inpainting_outputs(seed_run):
 def test_checkpoint_layouts_load_without_safety_checker(layout, tmp_path, tiny_checkpoint, lora_dir):
     import torch
 
-    from mvp_diff.checkpoint import build_tiny_inpainting_checkpoint
+    from mvp_diff.demo_checkpoint import build_tiny_inpainting_checkpoint
     from mvp_diff.synthesis import generate
 
     if layout == "bin":
@@ -429,7 +429,7 @@ def test_a_failed_write_stops_the_run_with_one_line(workdir, workers):
     out.mkdir(parents=True)
     (out / "ground_truth").write_text("a file where the mask folder goes")
     proc = run_script("inpainting.py", "--classname", "bottle", "--output", "out", "--batch_size", 1, "--write_workers", workers, *FAST, cwd=workdir)
-    assert_user_error(proc, 1, "writing sample", "ground_truth", "rerun to resume")
+    assert_user_error(proc, 1, "writing sample", "ground_truth", "rerun to resume", after_progress=True)
     assert len([line for line in proc.stderr.splitlines() if "error" in line]) == 1, proc.stderr
     assert not list((out / ".samples").glob("[0-9]*.json")), "no sample counts as done"
 

@@ -18,10 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..boxes import box_mask
-from ..dataset import BBOX_DIR, GOOD, ClassData, generated_boxes_dir, image_files, load_class, masks_by_stem, pair_masks, split_anomalies
-from ..errors import UserError
 from .. import untrusted
+from ..boxes import box_mask
+from ..dataset import (
+    BBOX_DIR,
+    GOOD,
+    ClassData,
+    generated_boxes_dir,
+    image_files,
+    load_class,
+    masks_by_stem,
+    pair_masks,
+    split_anomalies,
+)
+from ..errors import UserError
 from ..files import image_size, read_mask
 from ..manifest import MANIFEST, read_manifest
 

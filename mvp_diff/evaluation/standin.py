@@ -10,7 +10,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from ..progress import progress_bar
 
 from ..boxes import box_mask, boxes_from_mask
 from ..cli_args import add_dataset_args
@@ -18,6 +17,7 @@ from ..dataset import load_class, split_anomalies
 from ..errors import UsageError, cli
 from ..files import is_grey, read_mask, read_rgb, save_image
 from ..manifest import GeneratedSample, write_manifest
+from ..progress import progress_bar
 from ..prompts import describe
 
 

@@ -18,11 +18,24 @@ Modules: `inputs` (settings, box records, the samples to make), `model` (pipelin
 `store` (the output folder: done, write, stale, manifest), `run` (batches, writer threads, processes).
 """
 
-from .inputs import Settings, PlannedSample, build_samples, load_box_records, plan_sample, select_records
-from .model import as_rgb, check_lora, generate, load_pipeline, lora_file, paste_back, pipeline_inputs, precise_mask, processing_size, resolve_device, vae_round_trips, weights_sha256
+from ..checkpoint import pick_variant
+from .inputs import PlannedSample, Settings, build_samples, load_box_records, plan_sample, select_records
+from .model import (
+    as_rgb,
+    check_lora,
+    generate,
+    load_pipeline,
+    lora_file,
+    paste_back,
+    pipeline_inputs,
+    precise_mask,
+    processing_size,
+    resolve_device,
+    vae_round_trips,
+    weights_sha256,
+)
 from .run import WRITE_WORKERS, SampleWriter, batches, finish_sample, run_batch, synthesize
 from .store import SAMPLES_DIR, SETTINGS_FILE, SampleStore
-from ..checkpoint import pick_variant
 
 __all__ = [
     "PlannedSample", "SAMPLES_DIR", "SETTINGS_FILE", "SampleStore", "SampleWriter", "Settings", "WRITE_WORKERS", "as_rgb", "batches", "build_samples",

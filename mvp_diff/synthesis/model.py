@@ -168,8 +168,8 @@ def precise_mask(anomaly, good, box, settings: Settings, reference=None):
 
 
 def resolve_device(device=None, dtype="auto"):
-    """(torch device, torch dtype) for this process: under `accelerate launch` each process takes
-    its own GPU; fp16 on CUDA and fp32 on CPU unless --dtype says otherwise."""
+    """(accelerate PartialState, torch device, torch dtype) for this process: under `accelerate launch`
+    each process takes its own GPU; fp16 on CUDA and fp32 on CPU unless --dtype says otherwise."""
     import torch
     from accelerate import PartialState
 

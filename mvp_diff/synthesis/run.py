@@ -9,8 +9,29 @@ from queue import Queue
 from ..checkpoint import resolve_checkpoint
 from ..errors import UserError
 from ..random_boxes import boxes_path
-from .inputs import PlannedSample, Settings, build_samples, load_box, load_box_records, load_good, plan_sample, select_records
-from .model import check_lora, generate, load_pipeline, lora_file, paste_back, pipeline_inputs, precise_mask, processing_size, resolve_device, vae_round_trips, weights_sha256
+from .inputs import (
+    PlannedSample,
+    Settings,
+    build_samples,
+    load_box,
+    load_box_records,
+    load_good,
+    plan_sample,
+    select_records,
+)
+from .model import (
+    check_lora,
+    generate,
+    load_pipeline,
+    lora_file,
+    paste_back,
+    pipeline_inputs,
+    precise_mask,
+    processing_size,
+    resolve_device,
+    vae_round_trips,
+    weights_sha256,
+)
 from .store import SampleStore
 
 MANIFEST_EVERY = 30.0  # seconds between manifest rewrites during a run
