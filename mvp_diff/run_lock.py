@@ -79,32 +79,31 @@ def run_lock(folder, command=None, main_process=None):
         yield
         return
     folder = Path(folder)
-    lock_dir = folder
-    created = not lock_dir.exists()
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(lock_dir / LOCK_NAME, blocking=False)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / LOCK_NAME, blocking=False)
     try:
         lock.acquire()
     except Timeout:
-        holder = read_holder(lock_dir)
+        holder = read_holder(folder)
         if _same_host_and_dead(holder):
-            what = f"a process started by that run still holds it; end that process (fuser {lock_dir / LOCK_NAME}) and rerun"
+            what = f"a process started by that run still holds it; end that process (fuser {folder / LOCK_NAME}) and rerun"
         else:
             what = "wait for it to finish, or stop it and rerun (finished work is kept), or choose another output folder"
         raise UserError(f"{folder} is in use by another run ({describe(holder)}); {what}")
     try:
-        previous = read_holder(lock_dir)
+        previous = read_holder(folder)
         if previous:
             state = "no longer running" if _same_host_and_dead(previous) else "ended without releasing it"
             print(f"note: taking over {folder} from an interrupted run ({describe(previous)}; {state})", file=sys.stderr)
         remove_temp_files(folder)
         command = command or " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
         started = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())
-        atomic_write_json(lock_dir / HOLDER_NAME, {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "command": command})
+        atomic_write_json(folder / HOLDER_NAME, {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "command": command})
         yield
     finally:
         try:
-            (lock_dir / HOLDER_NAME).unlink(missing_ok=True)
+            (folder / HOLDER_NAME).unlink(missing_ok=True)
             if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
                 # A run that wrote nothing (bad input) leaves no empty output folder behind; removed
                 # while still held, so no other run can hold the removed lock file.
