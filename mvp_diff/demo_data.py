@@ -2,8 +2,9 @@
 plus procedural defects whose masks are exact (a pixel is in the mask iff the defect changed it).
 
 Classes:
-- `bottle`: RGB 256x256, a textured disc (top view of a bottle) on a plain dark background, so that a
-  foreground exists. Defects: `broken_large` (a dark irregular chip), `contamination` (1-3 tinted spots).
+- `bottle`: RGB 256x256, one object seen from above in every image (a cup's rim and interior, turned
+  by any angle and shifted a few pixels, as MVTec AD's bottles are) on a plain dark background, so
+  that a foreground exists. Defects: `broken_large` (a dark irregular chip), `contamination` (1-3 tinted spots).
 - `grid`: single-channel grey 224x224 crops of a brick texture. Defects: `broken` (a patch of another
   texture), `thread` (1-2 thin bright curves).
 """
@@ -29,9 +30,13 @@ def _light(image, rng, low=0.88, high=1.12):
 
 
 def _bottle_good(rng, size):
-    texture = skdata.coffee()  # 400x600 RGB
-    y, x = rng.integers(0, texture.shape[0] - 200), rng.integers(0, texture.shape[1] - 200)
-    crop = cv2.resize(texture[y : y + 200, x : x + 200], (size, size), interpolation=cv2.INTER_AREA)
+    # One object seen again and again, as in MVTec AD: the cup's interior (its rim and crema) seen
+    # from above, centred within a few pixels and turned by any angle, like a bottle's top view.
+    texture = skdata.coffee()  # 400x600 RGB; the cup's interior is centred near (290, 140)
+    centre = (290 + rng.uniform(-4, 4), 140 + rng.uniform(-4, 4))
+    turn = cv2.getRotationMatrix2D(centre, rng.uniform(0, 360), size / 320)  # the rim at the disc's edge
+    turn[:, 2] += (size / 2 - centre[0], size / 2 - centre[1])
+    crop = cv2.warpAffine(texture, turn, (size, size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT)
     yy, xx = np.mgrid[:size, :size]
     cx, cy = size / 2 + rng.uniform(-6, 6), size / 2 + rng.uniform(-6, 6)
     r = np.hypot(xx - cx, yy - cy)

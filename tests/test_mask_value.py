@@ -34,3 +34,24 @@ def test_bad_flags_fail_in_one_line(tmp_path):
     assert_user_error(proc, 2, "--steps_per_epoch")
     proc = run_script("benchmarks/mask_value.py", "--out", tmp_path, "--dataset", tmp_path / "none", cwd=REPO, timeout=120)
     assert_user_error(proc, 1, str(tmp_path / "none"))
+
+
+def test_whole_run_reports_every_label_and_resumes(tmp_path):
+    # A tiny budget: the report's shape and the resume, not the figures, are under test.
+    out = tmp_path / "mv"
+    flags = ["--out", out, "--classname", "grid", "--seeds", 0, 1, "--num_pairs", 2, "--image_size", 32, "--base_channels", 4,
+             "--epochs", 1, "--steps_per_epoch", 2, "--batch_size", 2, "--workers", 1,
+             "--demo_anomalies", 6, "--demo_train_good", 6, "--demo_test_good", 2]  # fmt: skip
+    proc = run_script("benchmarks/mask_value.py", *flags, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = (out / "report.md").read_text()
+    for label in mask_value.LABELS:
+        assert f"| {label} |" in report
+    assert "Ranking by overall pixel AP: seed 0: " in report and "; seed 1: " in report
+    runs = sorted((out / "runs" / "grid").glob("*.json"))
+    assert len(runs) == 2 * len(mask_value.LABELS)
+    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    proc = run_script("benchmarks/mask_value.py", *flags, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in runs} == stamps  # a rerun reuses every finished run
+    assert (out / "report.md").read_text().split("Total time")[0] == report.split("Total time")[0]
