@@ -418,3 +418,23 @@ def test_mask_head_training_script_writes_usable_weights(tmp_path):
     assert "chosen: low" in proc.stdout
     normal = texture(57)
     assert extract_mask(normal, normal, BOX, method="learned", weights=str(out)).shape == BOX.shape
+
+
+def test_built_package_carries_the_mask_weights(tmp_path):
+    # An installed (non-editable) package must bring the learned method's weights with it.
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    from conftest import REPO
+
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "mvp_diff", src / "mvp_diff", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "requirements.txt", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src), "-w", str(tmp_path / "wheel")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    assert "mvp_diff/mask_head.npz" in zipfile.ZipFile(wheel).namelist()
