@@ -172,8 +172,10 @@ def train_job(job):
 
     torch.set_num_threads(1)
     path = Path(job["path"])
-    if path.is_file() and json.loads(path.read_text()).get("job") == job:
-        return json.loads(path.read_text())
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("job") == job:
+            return saved
     split = real_split(job["dataset"], job["classname"], job["mask_suffix"])
     cfg = TrainConfig(**job["train"])
     pairs = [LabeledImage(Path(p["image"]), Path(p[job["label"]]), p["defect_type"]) for p in job["pairs"]]

@@ -264,11 +264,8 @@ def _default(
     from skimage.filters import apply_hysteresis_threshold
 
     crop, inside, ring, scale = _box_crop(box)
-    settings = (scale, (smooth, chroma_smooth), blur_tolerance, contrast_weight, contrast_tolerance, (structure_weight, structure_sigma, structure_tolerance), max_bias)
-    score = _change_score(anomaly[crop], normal[crop], inside, ring, *settings)
-    if reference is not None:
-        # Changed only where neither the defect-free image nor its round trip explains it.
-        score = np.minimum(score, _change_score(anomaly[crop], reference[crop], inside, ring, *settings))
+    settings = _score_settings(scale, smooth, chroma_smooth, blur_tolerance, contrast_weight, contrast_tolerance, structure_weight, structure_sigma, structure_tolerance, max_bias)
+    score = _unexplained_score(anomaly[crop], normal[crop], None if reference is None else reference[crop], inside, ring, settings)
 
     noise = min(float(np.median(score[ring])) if ring.any() else 0.0, 1.5)
     low, high = max(low, noise_factor[0] * noise), max(high, noise_factor[1] * noise)
@@ -305,17 +302,41 @@ def _tidy(mask, inside, scale, min_area, min_fraction, max_hole):
     return _remove_small(mask & inside, min_area * scale * scale, min_fraction)
 
 
+def _size_scale(shape):
+    """Sizes are given for 512 px images: the factor for an image of this shape."""
+    return max(0.5, max(shape[:2]) / 512.0)
+
+
 def _box_crop(box):
     """(crop slices, box inside the crop, ring just inside its border, size scale to 512 px): work on
     the boxes' bounding rectangle plus a margin for the filters."""
     height, width = box.shape
-    scale = max(0.5, max(height, width) / 512.0)  # sizes are given for 512 px images
+    scale = _size_scale(box.shape)
     ys, xs = np.nonzero(box)
     pad = int(np.ceil(8 * scale))
     y0, y1 = max(0, ys.min() - pad), min(height, ys.max() + 1 + pad)
     x0, x1 = max(0, xs.min() - pad), min(width, xs.max() + 1 + pad)
     inside = box[y0:y1, x0:x1]
     return (slice(y0, y1), slice(x0, x1)), inside, _ring(inside, max(2, round(3 * scale))), scale
+
+
+def _score_settings(scale, smooth, chroma_smooth, blur_tolerance, contrast_weight, contrast_tolerance, structure_weight, structure_sigma, structure_tolerance, max_bias):
+    """The default method's score parameters, grouped as _change_score takes them after its images."""
+    return (scale, (smooth, chroma_smooth), blur_tolerance, contrast_weight, contrast_tolerance, (structure_weight, structure_sigma, structure_tolerance), max_bias)
+
+
+def _unexplained_score(anomaly, normal, reference, inside, ring, settings, parts=None):
+    """_change_score against `normal`, and with a reference the smaller of it and the score against
+    the reference, term by term in `parts`: changed only where neither image explains it."""
+    score = _change_score(anomaly, normal, inside, ring, *settings, parts=parts)
+    if reference is not None:
+        other = None if parts is None else {}
+        score = np.minimum(score, _change_score(anomaly, reference, inside, ring, *settings, parts=other))
+        if parts is not None:
+            for k in ("colour", "contrast", "structure"):
+                parts[k] = np.minimum(parts[k], other[k])
+            parts["lightness"] = np.where(np.abs(other["lightness"]) < np.abs(parts["lightness"]), other["lightness"], parts["lightness"])
+    return score
 
 
 def _change_score(
@@ -406,14 +427,7 @@ def mask_features(anomaly, normal, box, reference=None):
     crop, inside, ring, scale = _box_crop(box)
     settings = _default_settings(scale)
     parts = {}
-    score = _change_score(anomaly[crop], normal[crop], inside, ring, *settings, parts=parts)
-    if reference is not None:
-        # What either image explains is not a change: the smaller of the two, term by term.
-        other = {}
-        score = np.minimum(score, _change_score(anomaly[crop], reference[crop], inside, ring, *settings, parts=other))
-        for k in ("colour", "contrast", "structure"):
-            parts[k] = np.minimum(parts[k], other[k])
-        parts["lightness"] = np.where(np.abs(other["lightness"]) < np.abs(parts["lightness"]), other["lightness"], parts["lightness"])
+    score = _unexplained_score(anomaly[crop], normal[crop], None if reference is None else reference[crop], inside, ring, settings, parts)
     noise = float(np.median(score[ring])) if ring.any() else 0.0
     peak = float(np.percentile(score[inside], 99))
     light = parts["lightness"]
@@ -449,9 +463,9 @@ def mask_features(anomaly, normal, box, reference=None):
 
 def _default_settings(scale):
     """The default method's score settings, as _change_score takes them."""
-    d = {k: v.default for k, v in inspect.signature(_default).parameters.items()}
-    structure = (d["structure_weight"], d["structure_sigma"], d["structure_tolerance"])
-    return (scale, (d["smooth"], d["chroma_smooth"]), d["blur_tolerance"], d["contrast_weight"], d["contrast_tolerance"], structure, d["max_bias"])
+    defaults = {k: v.default for k, v in inspect.signature(_default).parameters.items()}
+    names = list(inspect.signature(_score_settings).parameters)[1:]
+    return _score_settings(scale, *(defaults[k] for k in names))
 
 
 _HEAD_CACHE = {}
@@ -501,7 +515,7 @@ def threshold_probability(prob, crop, inside, shape, low, high, min_area=12, min
     mask = apply_hysteresis_threshold(prob, low, high)
     out = np.zeros(shape, dtype=bool)
     if mask.any():
-        out[crop] = _tidy(mask, inside, max(0.5, max(shape) / 512.0), min_area, min_fraction, max_hole)
+        out[crop] = _tidy(mask, inside, _size_scale(shape), min_area, min_fraction, max_hole)
     return out
 
 
