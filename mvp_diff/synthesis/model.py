@@ -45,9 +45,7 @@ def trained_prediction_type(lora_dir: Path):
 def check_lora(lora_dir, classname):
     """The folder holding the LoRA weights; a missing one names the Stage 2 command."""
     path = Path(lora_dir)
-    if path.is_file():
-        return path
-    if not (path / LORA_WEIGHT_NAME).is_file():
+    if not lora_file(path).is_file():
         raise UserError(
             f"--lora_dir {path}: no {LORA_WEIGHT_NAME}; train it first (python train_diffusion.py --pretrained_model_name_or_path "
             f"checkpoints/inpainting --train_data_dir ./dataset/{classname} --output_dir {path.parent} ...) or pass --no_lora for the base model"
@@ -75,15 +73,15 @@ def load_pipeline(checkpoint, device="cpu", dtype=None, lora=None, lora_scale=1.
     finally:
         diffusers_logging.set_verbosity_error()
     if lora is not None:
-        lora = Path(lora)
-        folder, weight_name = lora_file(lora).parent, lora_file(lora).name
+        weights = lora_file(lora)
+        folder, weight_name = weights.parent, weights.name
         try:
             pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name="mvp_diff")
         except (OSError, ValueError, RuntimeError, KeyError) as err:
             raise UserError(f"--lora_dir {lora}: cannot load the LoRA ({err.__class__.__name__}: {str(err).splitlines()[0]})")
         if "mvp_diff" not in pipe.get_list_adapters().get("unet", []):
             raise UserError(f"--lora_dir {lora}: {weight_name} holds no UNet LoRA weights for this checkpoint")
-        trained_as = trained_prediction_type(lora_file(lora).parent)
+        trained_as = trained_prediction_type(folder)
         if trained_as:  # a LoRA trained with --prediction_type v_prediction must be sampled that way
             pipe.scheduler.register_to_config(prediction_type=trained_as)
         # Fused weights cost nothing per step; the adapter layers are then dropped.

@@ -121,8 +121,9 @@ class SampleWriter:
         self.close(drop_pending=exc_type is not None)
 
 
-def run_batch(pipe, size, samples, settings: Settings, store: SampleStore, classname, writer: SampleWriter = None):
-    """Generate one batch and hand each sample to `writer` (finished here when None)."""
+def run_batch(pipe, size, samples, settings: Settings, writer: SampleWriter):
+    """Generate one batch and hand each sample to `writer` (which finishes it in the main thread when
+    it has no workers)."""
     goods = [load_good(s) for s in samples]
     boxes = [load_box(s) for s in samples]
     inputs = [pipeline_inputs(g, b, size) for g, b in zip(goods, boxes)]
@@ -130,10 +131,7 @@ def run_batch(pipe, size, samples, settings: Settings, store: SampleStore, class
     # The VAE round trips run here, on the pipeline's device; the writer threads only do CPU work.
     references = vae_round_trips(pipe, [i for i, _ in inputs]) if settings.extract_mask else [None] * len(samples)
     for sample, good, box, gen, ref in zip(samples, goods, boxes, generated, references):
-        if writer is None:
-            finish_sample(store, sample, good, box, gen, settings, classname, ref)
-        else:
-            writer.submit(sample, good, box, gen, ref)
+        writer.submit(sample, good, box, gen, ref)
 
 
 def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=None, device=None, dtype="auto", overwrite=False,
@@ -181,7 +179,7 @@ def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=Non
 
         with SampleWriter(finish, write_workers, max_pending=settings.batch_size) as writer:
             for size, batch in batches(mine, settings.batch_size, settings.resolution):
-                run_batch(pipe, size, batch, settings, store, classname, writer)
+                run_batch(pipe, size, batch, settings, writer)
                 # The per-sample entries are what resuming relies on; the manifest follows them at most
                 # MANIFEST_EVERY seconds late (rewriting it after every batch would cost O(N^2)).
                 if state.is_main_process and time.monotonic() - written > MANIFEST_EVERY:

@@ -149,8 +149,8 @@ class SampleStore:
                 saved = {}  # unreadable: treated as other settings
             if not isinstance(saved, dict):
                 saved = {}
-            if any(saved.get(k) != wanted[k] for k in SETTING_KEYS):  # keys added later: None before
-                changed = [f"{k} {saved.get(k)!r} -> {wanted[k]!r}" for k in SETTING_KEYS if saved.get(k) != wanted[k]]
+            changed = [f"{k} {saved.get(k)!r} -> {wanted[k]!r}" for k in SETTING_KEYS if saved.get(k) != wanted[k]]  # keys added later: None before
+            if changed:
                 raise UserError(f"{self.out_dir} holds samples made with other settings ({'; '.join(changed)}); pass --overwrite to start over or choose another --output")
         atomic_write_json(path, wanted)
 
