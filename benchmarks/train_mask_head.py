@@ -42,7 +42,7 @@ def samples(pair, rng, with_reference, per_class=1500):
     xs, ys = [], []
     for image, truth in ((pair["anomaly"], pair["truth"]), (pair["control"], np.zeros_like(pair["truth"]))):
         a, n, box, r = inputs(pair, image, with_reference)
-        feats, crop, inside = mask_features(a, n, box, r)
+        feats, crop, inside, _ = mask_features(a, n, box, r)
         labels = truth[crop][inside]
         for value in (True, False):
             idx = np.flatnonzero(labels == value)
@@ -104,16 +104,16 @@ def main():
     for k, pair in enumerate(tqdm(val, desc="threshold pairs: probabilities")):
         for image in (pair["anomaly"], pair["control"]):
             a, n, box, r = inputs(pair, image, with_reference=k % 2 == 1)
-            feats, crop, inside = mask_features(a, n, box, r)
+            feats, crop, inside, scale = mask_features(a, n, box, r)
             prob = np.zeros(inside.shape, np.float32)
             prob[inside] = mask_head_probability(feats, head)
-            probs.append((prob, crop, inside, box.shape))
+            probs.append((prob, crop, inside, box.shape, scale))
     tried = []
     for hi in (0.6, 0.7, 0.8, 0.9, 0.95, 0.98):
         for lo in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
             if lo > hi:
                 continue
-            masks = [threshold_probability(*p[:3], p[3], lo, hi) for p in probs]
+            masks = [threshold_probability(*p[:4], lo, hi, scale=p[4]) for p in probs]
             miou = float(np.mean([iou(m, pair["truth"]) for m, pair in zip(masks[0::2], val)]))
             alarms = float(np.mean([m.any() for m in masks[1::2]]))
             print(f"low {lo} high {hi}: mean IoU {miou:.3f}, unchanged with a mask {100 * alarms:.1f} %")
