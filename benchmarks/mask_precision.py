@@ -24,7 +24,9 @@ degradation and JPEG) count how often a method marks something where nothing was
 
 Two true masks: the painted shape, and the changed pixels (the shape's pixels that the painting
 changed by >= VISIBLE levels in some channel, measured before the degradation).
-Methods: the box as the mask ("mask drift"), the paper's method ("official", on the first
+Methods: the box as the mask ("mask drift"), a ceiling ("ceiling": the painting's change after the
+round trip's blur and gain alone, without its noise, drift or JPEG, thresholded at the level best for
+each pair: what thresholding a perfectly measured change could reach), the paper's method ("official", on the first
 --official_num pairs of each split: its dense CRF is slow), "default" without and with the
 reference ("default+ref"), and "learned" (a per-pixel classifier over the default method's terms,
 trained by train_mask_head.py on other draws of the tune split only), without and with it. Time: milliseconds per image on one thread (cv2 threads = 1), as a
@@ -69,7 +71,7 @@ JPEG_QUALITIES = (None, 90, 75, 60)
 # deltaE at mid grey, well above the just noticeable 2.3.
 VISIBLE = 10
 TRUTHS = ("the painted shape", f"the changed pixels (>= {VISIBLE} levels before the degradation)")
-METHODS = ("box", "official", "default", "default+ref", "learned", "learned+ref")
+METHODS = ("box", "ceiling", "official", "default", "default+ref", "learned", "learned+ref")
 
 
 def photograph(name):
@@ -185,17 +187,24 @@ def paint(rng, f, shape_mask, look, other, thin):
     return np.clip(f * (1 - alpha) + new * alpha, 0, 255)
 
 
-def round_trip(rng, f, strength=1.0):
-    """VAE-like round trip of a float32 image, spatially varying (see the module docstring)."""
+def round_trip(rng, f, strength=1.0, clean=None):
+    """VAE-like round trip of a float32 image, spatially varying (see the module docstring). With
+    `clean` (the defect-free float32 image): (round trip, the change f - clean as the round trip's
+    blur and gain alone leave it: no noise, drift or JPEG; the same draws)."""
     h, w = f.shape[:2]
     colour = f.ndim == 3
     chans = 3 if colour else 1
     expand = (lambda x: x[..., None]) if colour else (lambda x: x)
     s1, s2 = strength * np.sort(rng.uniform(0.3, 1.4, 2))
     mix = expand(smooth_field(rng, h, w))
-    g = cv2.GaussianBlur(f, (0, 0), s1) * (1 - mix) + cv2.GaussianBlur(f, (0, 0), s2) * mix
+
+    def blur(x):
+        return cv2.GaussianBlur(x, (0, 0), s1) * (1 - mix) + cv2.GaussianBlur(x, (0, 0), s2) * mix
+
+    g = blur(f)
     shape = (1, 1, 3) if colour else ()
-    g = g * (1 + strength * rng.uniform(-0.04, 0.04, chans)).astype(np.float32).reshape(shape)
+    gain = (1 + strength * rng.uniform(-0.04, 0.04, chans)).astype(np.float32).reshape(shape)
+    g = g * gain
     g = g + (strength * rng.uniform(-4, 4, chans)).astype(np.float32).reshape(shape)
     level = strength * rng.uniform(1, 4) * (0.5 + expand(smooth_field(rng, h, w)))
     g = g + rng.standard_normal(g.shape).astype(np.float32) * level
@@ -205,21 +214,27 @@ def round_trip(rng, f, strength=1.0):
         shift = np.stack([0.7 * common + 0.3 * (smooth_field(rng, h, w) * 2 - 1) for _ in range(3)], axis=2)
     else:
         shift = common
-    return g + amp * shift
+    if clean is None:
+        return g + amp * shift
+    return g + amp * shift, blur(f - clean) * gain
 
 
-def generated_image(rng, painted, normal, box, strength=1.0, jpeg=None):
+def generated_image(rng, painted, normal, box, strength=1.0, jpeg=None, clean=None):
     """The painted image's round trip, JPEG-compressed at `jpeg` quality (None: not), with the
-    defect-free image pasted back outside the boxes."""
-    g = np.clip(np.round(round_trip(rng, painted, strength)), 0, 255).astype(np.uint8)
+    defect-free image pasted back outside the boxes. With `clean`: (image, round_trip's change)."""
+    trip = round_trip(rng, painted, strength, clean)
+    g, change = trip if clean is not None else (trip, None)
+    g = np.clip(np.round(g), 0, 255).astype(np.uint8)
     if jpeg:
         _, buf = cv2.imencode(".jpg", g, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg)])
         g = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    return np.where(box[..., None] if normal.ndim == 3 else box, g, normal)
+    image = np.where(box[..., None] if normal.ndim == 3 else box, g, normal)
+    return image if clean is None else (image, change)
 
 
 def make_pair(rng, split, photos, size, strength=1.0):
-    """dict: anomaly, normal, reference, control (uint8), box (uint8 0/255), truth, changed, info."""
+    """dict: anomaly, normal, reference, control (uint8), box (uint8 0/255), truth, changed,
+    blurred_change (the painting's change after the round trip's blur and gain alone, float32), info."""
     while True:
         normal, name, kind = source_image(rng, split, photos, size)
         colour = normal.ndim == 3
@@ -262,11 +277,15 @@ def make_pair(rng, split, photos, size, strength=1.0):
         change = np.abs(painted - nf)
         changed = truth & ((change.max(axis=2) if colour else change) >= VISIBLE)
         jpeg = JPEG_QUALITIES[rng.integers(len(JPEG_QUALITIES))]
-        anomaly = generated_image(rng, painted, normal, box, strength, jpeg)
+        anomaly, blurred_change = generated_image(rng, painted, normal, box, strength, jpeg, clean=nf)
+        blurred_change = np.abs(blurred_change)
         control = generated_image(rng, nf, normal, box, strength, jpeg)
         reference = np.clip(np.round(round_trip(rng, nf, strength)), 0, 255).astype(np.uint8)
         info = {"image": name, "kind": kind, "look": look, "shape": shape_kind, "jpeg": jpeg, "visible": float(changed.sum() / truth.sum())}
-        return {"anomaly": anomaly, "normal": normal, "reference": reference, "control": control, "box": box.astype(np.uint8) * 255, "truth": truth, "changed": changed, "info": info}
+        return {
+            "anomaly": anomaly, "normal": normal, "reference": reference, "control": control, "box": box.astype(np.uint8) * 255,
+            "truth": truth, "changed": changed, "blurred_change": blurred_change.max(axis=2) if colour else blurred_change, "info": info,
+        }
 
 
 def iou(pred, truth):
@@ -274,10 +293,26 @@ def iou(pred, truth):
     return float((pred & truth).sum() / union) if union else 1.0
 
 
+CEILING_LEVELS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30)
+
+
+def ceiling_mask(pair, image):
+    """What a perfect change detector could reach: the round trip's blurred change without its
+    noise, drift or JPEG, thresholded at the level best for this pair's painted shape (grey levels,
+    largest channel). An unchanged box has no change: an empty mask."""
+    if image is not pair["anomaly"]:
+        return np.zeros(pair["truth"].shape, bool)
+    inside = pair["box"] > 0
+    masks = [(pair["blurred_change"] >= t) & inside for t in CEILING_LEVELS]
+    return max(masks, key=lambda m: iou(m, pair["truth"]))
+
+
 def predict(method, pair, image):
     box = pair["box"]
     if method == "box":
         return box > 0
+    if method == "ceiling":
+        return ceiling_mask(pair, image)
     name, _, ref = method.partition("+")
     return extract_mask(image, pair["normal"], box, method=name, reference=pair["reference"] if ref else None)
 

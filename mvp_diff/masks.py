@@ -263,9 +263,10 @@ def _default(
     """
     from skimage.filters import apply_hysteresis_threshold
 
-    crop, inside, ring, scale = _box_crop_for(anomaly, normal, reference, box)
+    crop, inside, ring, scale, score = _box_crop_for(anomaly, normal, reference, box)
     settings = _score_settings(scale, smooth, chroma_smooth, blur_tolerance, contrast_weight, contrast_tolerance, structure_weight, structure_sigma, structure_tolerance, max_bias)
-    score = _unexplained_score(anomaly[crop], normal[crop], None if reference is None else reference[crop], inside, ring, settings)
+    if score is None or settings != _default_settings(scale):
+        score = _unexplained_score(anomaly[crop], normal[crop], None if reference is None else reference[crop], inside, ring, settings)
 
     noise = min(float(np.median(score[ring])) if ring.any() else 0.0, 1.5)
     low, high = max(low, noise_factor[0] * noise), max(high, noise_factor[1] * noise)
@@ -318,14 +319,19 @@ NOISY_SCALE = 0.875
 NOISY_RING = 2.5
 
 
-def _box_crop_for(anomaly, normal, reference, box):
-    """_box_crop, with the size scale kept at NOISY_SCALE on a small image whose ring is noisy."""
-    found = _box_crop(box)
-    crop, inside, ring, scale = found
+def _box_crop_for(anomaly, normal, reference, box, parts=None):
+    """(*_box_crop(box), score): the size scale kept at NOISY_SCALE on a small image whose ring is
+    noisy. score: the change score with the default settings at the returned scale when the check
+    computed it (its terms in `parts`), else None."""
+    crop, inside, ring, scale = _box_crop(box)
     if scale >= NOISY_SCALE or not ring.any():
-        return found
-    score = _unexplained_score(anomaly[crop], normal[crop], None if reference is None else reference[crop], inside, ring, _default_settings(scale))
-    return _box_crop(box, NOISY_SCALE) if np.percentile(score[ring], 99) > NOISY_RING else found
+        return crop, inside, ring, scale, None
+    score = _unexplained_score(anomaly[crop], normal[crop], None if reference is None else reference[crop], inside, ring, _default_settings(scale), parts)
+    if np.percentile(score[ring], 99) > NOISY_RING:
+        if parts is not None:
+            parts.clear()
+        return (*_box_crop(box, NOISY_SCALE), None)
+    return crop, inside, ring, scale, score
 
 
 def _box_crop(box, scale=None):
@@ -445,10 +451,10 @@ FEATURES = (
 def mask_features(anomaly, normal, box, reference=None):
     """(features N x len(FEATURES) float32, crop slices, box inside the crop, size scale) for the N
     pixels inside the box, in the crop's row-major order. Inputs as `extract_mask` checks them."""
-    crop, inside, ring, scale = _box_crop_for(anomaly, normal, reference, box)
-    settings = _default_settings(scale)
     parts = {}
-    score = _unexplained_score(anomaly[crop], normal[crop], None if reference is None else reference[crop], inside, ring, settings, parts)
+    crop, inside, ring, scale, score = _box_crop_for(anomaly, normal, reference, box, parts)
+    if score is None:
+        score = _unexplained_score(anomaly[crop], normal[crop], None if reference is None else reference[crop], inside, ring, _default_settings(scale), parts)
     noise = float(np.median(score[ring])) if ring.any() else 0.0
     peak = float(np.percentile(score[inside], 99))
     light = parts["lightness"]
