@@ -209,7 +209,7 @@ def _default(
     normal,
     box,
     reference=None,
-    low=3.0,
+    low=2.0,
     high=5.0,
     noise_factor=(4.0, 7.0),
     smooth=0.7,
@@ -221,7 +221,7 @@ def _default(
     structure_sigma=1.0,
     structure_tolerance=0.1,
     max_bias=6.0,
-    edge=0.55,
+    edge=0.65,
     edge_width=3,
     min_area=12,
     min_fraction=0.05,
@@ -250,9 +250,11 @@ def _default(
     blur_tolerance: candidate sigmas of the blurred copies; the one that best explains the ring is
     used (the blur of the round trip varies). max_bias: largest drift removed, per Lab channel.
     edge: a region's border sits where its score falls to this fraction of the score nearby, not
-    at `low`, so that soft edges do not fatten the mask. A little above one half because the
-    reference (the mean score of the region nearby) sits below the plateau on thin shapes, whose
-    blurred profile never reaches it. edge_width (pixels at 512 px): only this band along a
+    at `low`, so that soft edges do not fatten the mask. Above one half because the reference (the
+    mean score of the region nearby) sits below the plateau on thin shapes, whose blurred profile
+    never reaches it. A low `low` with this border lets a faint defect grow to its edge while
+    `high` alone decides whether anything is marked (low 2, edge 0.65: chosen on the tune split,
+    benchmarks/results/masks.md). edge_width (pixels at 512 px): only this band along a
     region's outer border is trimmed (about the width of a blurred rim); the inside stays whole,
     as a changed texture scores unevenly there.
     min_area (pixels at 512 px) and min_fraction (of the largest region): smaller regions are
