@@ -53,7 +53,7 @@ from mvp_diff.files import (
     read_mask,
     save_image,
 )
-from mvp_diff.masks import extract_mask
+from mvp_diff.masks import extract_mask, mask_method_version
 from mvp_diff.random_boxes import foreground, is_texture, real_box_stats, sample_boxes
 
 LABELS = ("true", "precise", "box", "official")
@@ -148,7 +148,7 @@ def pairs_job(job):
     """The pairs of one class and seed, made once (their manifest records the settings)."""
     folder = Path(job["out"]) / "pairs" / job["classname"] / f"seed{job['seed']}"
     manifest = folder / "pairs.json"
-    settings = {k: job[k] for k in ("num_pairs", "fill", "jitter", "dataset")}
+    settings = {k: job[k] for k in ("num_pairs", "fill", "jitter", "dataset", "mask_versions")}
     if manifest.is_file():
         saved = json.loads(manifest.read_text())
         if saved["settings"] == settings:
@@ -280,7 +280,9 @@ def main(argv=None):
         load_class(args.dataset, classname, args.mask_suffix)  # a missing class or mask fails here, in one line
     train = {"image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size, "base_channels": args.base_channels, "lr": args.learning_rate,
              "decoder": args.decoder, "fixed_steps_per_epoch": args.steps_per_epoch}
-    common = {"dataset": str(Path(args.dataset).resolve()), "mask_suffix": args.mask_suffix}
+    # The mask methods' versions: pairs and runs made with other masks are made again, not reused.
+    versions = {m: mask_method_version(m) for m in ("default", "official")}
+    common = {"dataset": str(Path(args.dataset).resolve()), "mask_suffix": args.mask_suffix, "mask_versions": versions}
     pair_jobs = [common | {"out": str(out), "classname": c, "seed": s, "num_pairs": args.num_pairs, "fill": args.fill, "jitter": args.jitter}
                  for c in classes for s in args.seeds]  # fmt: skip
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:

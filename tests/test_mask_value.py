@@ -2,12 +2,15 @@
 the defect-free image outside the boxes, four labels of the same image) and bad flags fail cleanly."""
 
 
+import json
+
 import numpy as np
 from conftest import REPO, assert_user_error, run_script
 
 from benchmarks import mask_value
 from mvp_diff.evaluation.data import real_split
 from mvp_diff.files import read_image, read_mask
+from mvp_diff.masks import mask_method_version
 
 
 def test_pairs_paste_a_defect_smaller_than_its_box(demo_dataset_master, tmp_path):
@@ -55,3 +58,13 @@ def test_whole_run_reports_every_label_and_resumes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in runs} == stamps  # a rerun reuses every finished run
     assert (out / "report.md").read_text().split("Total time")[0] == report.split("Total time")[0]
+    # Pairs and runs written with another version of a mask method are made again, not reused.
+    for path in [*(out / "pairs").rglob("pairs.json"), *runs]:
+        saved = json.loads(path.read_text())
+        (saved["settings"] if "settings" in saved else saved["job"])["mask_versions"]["default"] = "default 0"
+        path.write_text(json.dumps(saved))
+    proc = run_script("benchmarks/mask_value.py", *flags, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all(p.stat().st_mtime_ns != stamps[p] for p in runs)
+    remade = json.loads(next((out / "pairs").rglob("pairs.json")).read_text())
+    assert remade["settings"]["mask_versions"]["default"] == mask_method_version("default")
