@@ -279,11 +279,13 @@ def test_jpeg_of_pixel_scale_colour_noise():
     assert not extract_mask(anomaly, normal, BOX).any()
 
 
-def strong_round_trip(img, seed, sigma):
-    """A round trip that blurs more than the method tolerates without a reference, inside the box."""
+def strong_round_trip(img, seed, sigma, noise=2.0, quality=None):
+    """A round trip inside the box: blur `sigma` px, Gaussian noise of `noise` levels, then JPEG at
+    `quality` (None: none). By default it blurs more than the method tolerates without a reference."""
     rng = np.random.default_rng(seed)
-    f = cv2.GaussianBlur(img.astype(np.float32), (0, 0), sigma) + rng.normal(0, 2.0, img.shape)
+    f = cv2.GaussianBlur(img.astype(np.float32), (0, 0), sigma) + rng.normal(0, noise, img.shape)
     f = np.clip(np.round(f), 0, 255).astype(np.uint8)
+    f = jpeg(f, quality) if quality else f
     return np.where(BOX > 0 if img.ndim == 2 else (BOX > 0)[..., None], f, img)
 
 
@@ -310,10 +312,7 @@ def test_reference_explains_the_round_trip(colour):
 def noisy_round_trip(img, seed):
     """A round trip at the image's own pixel scale, as when a small image is generated at its size:
     blur 1.2 px, noise of 3 levels, JPEG at quality 60, inside the box."""
-    rng = np.random.default_rng(seed)
-    f = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 1.2) + rng.normal(0, 3.0, img.shape)
-    f = jpeg(np.clip(np.round(f), 0, 255).astype(np.uint8), 60)
-    return np.where(BOX > 0 if img.ndim == 2 else (BOX > 0)[..., None], f, img)
+    return strong_round_trip(img, seed, 1.2, noise=3.0, quality=60)
 
 
 @pytest.mark.parametrize("method", ["default", "learned"])
