@@ -16,13 +16,13 @@ Three methods:
   fixed. Blind to grey images and to brightness-only changes by design; kept for comparison.
 """
 
+import functools
 import hashlib
 import inspect
 from pathlib import Path
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 from .errors import UsageError, UserError
 
@@ -54,7 +54,7 @@ def extract_mask(anomaly, normal, box, method="default", reference=None, **optio
     if method not in _METHODS:
         raise UsageError(f"--mask_method: unknown method {method!r}; choose one of {', '.join(MASK_METHODS)}")
     func = _METHODS[method]
-    allowed = [p for p in inspect.signature(func).parameters if p not in ("anomaly", "normal", "box", "reference")]
+    allowed = _method_options(method)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise UsageError(f"mask method {method!r} has no option {', '.join(unknown)}; its options: {', '.join(allowed)}")
@@ -62,6 +62,12 @@ def extract_mask(anomaly, normal, box, method="default", reference=None, **optio
     if not box.any():
         return np.zeros(box.shape, dtype=bool)
     return func(anomaly, normal, box, reference=reference, **options) & box
+
+
+@functools.cache
+def _method_options(method):
+    """The keyword options a mask method takes (its parameters after the images)."""
+    return [p for p in inspect.signature(_METHODS[method]).parameters if p not in ("anomaly", "normal", "box", "reference")]
 
 
 def prepare_inputs(anomaly, normal, box, reference=None):
@@ -126,6 +132,29 @@ def _rgb(arr):
     return arr if arr.ndim == 3 else np.repeat(arr[..., None], 3, axis=2)
 
 
+def _hysteresis(score, low, high):
+    """Bool mask of the 4-connected regions above `low` that reach above `high` (as
+    skimage.filters.apply_hysteresis_threshold, with OpenCV's faster labelling)."""
+    above = score > min(low, high)
+    count, labels = cv2.connectedComponents(above.astype(np.uint8), connectivity=4)
+    if count <= 1:
+        return np.zeros(score.shape, dtype=bool)
+    seeded = np.zeros(count, dtype=bool)
+    seeded[labels[score > high]] = True
+    seeded[0] = False
+    return seeded[labels]
+
+
+def _fill_holes(mask):
+    """`mask` with its holes filled (as scipy.ndimage.binary_fill_holes: background not
+    4-connected to the border), by a flood fill of the background from outside."""
+    height, width = mask.shape
+    outside = np.zeros((height + 2, width + 2), np.uint8)
+    outside[1:-1, 1:-1] = mask
+    cv2.floodFill(outside, None, (0, 0), 2, flags=4)
+    return outside[1:-1, 1:-1] != 2
+
+
 def _remove_small(mask, min_area, min_fraction=0.1):
     """Drop 8-connected regions under `min_area` pixels or under `min_fraction` of the largest one."""
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
@@ -157,6 +186,11 @@ def _delta(a, b):
     return np.sqrt(np.einsum("hwc,hwc->hw", d, d)) if d.ndim == 3 else np.abs(d)
 
 
+def _min_delta(pairs):
+    """The smallest _delta over (x, y) pairs of images."""
+    return np.minimum.reduce([_delta(x, y) for x, y in pairs]) if len(pairs) > 1 else _delta(*pairs[0])
+
+
 def _local_std(lum, sigma):
     mean = _blur(lum, sigma)
     return np.sqrt(np.maximum(_blur(lum * lum, sigma) - mean * mean, 0.0))
@@ -179,16 +213,20 @@ def _ring_bias(diff, inside, ring, max_bias):
     """
     chans = diff[..., None] if diff.ndim == 2 else diff
     bias = np.zeros_like(chans)
-    count, labels = cv2.connectedComponents(inside.astype(np.uint8), connectivity=8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(inside.astype(np.uint8), connectivity=8)
     for i in range(1, count):
-        region = labels == i
-        ys, xs = np.nonzero(region & ring)
+        # Work in the box's bounding rectangle: indexing the whole crop per box costs more.
+        x0, y0, w, h = stats[i, :4]
+        rows, cols = slice(y0, y0 + h), slice(x0, x0 + w)
+        region = labels[rows, cols] == i
+        ys, xs = np.nonzero(region & ring[rows, cols])
         if len(ys) < 8:
             continue
+        ys, xs = ys + y0, xs + x0
         cy, cx = ys.mean(), xs.mean()
         design = np.stack([np.ones(len(ys)), (ys - cy) / 100.0, (xs - cx) / 100.0], axis=1)
-        ry, rx = np.nonzero(region)
-        full = np.stack([np.ones(len(ry)), (ry - cy) / 100.0, (rx - cx) / 100.0], axis=1)
+        gy = (np.arange(rows.start, rows.stop) - cy)[:, None] / 100.0
+        gx = (np.arange(cols.start, cols.stop) - cx)[None, :] / 100.0
         for c in range(chans.shape[2]):
             values = chans[ys, xs, c].astype(np.float64)
             # Ring pixels changed by more than a drift can are the defect: leave them out, and
@@ -197,11 +235,33 @@ def _ring_bias(diff, inside, ring, max_bias):
             if keep.sum() < max(8, 0.25 * len(values)):
                 continue
             for _ in range(3):  # refit without the ring pixels the defect touches
-                coef = np.linalg.lstsq(design[keep], values[keep], rcond=None)[0]
+                coef = _plane_fit(design[keep], values[keep])
                 resid = np.abs(values - design @ coef)
-                keep &= resid <= max(2.0 * np.median(resid[keep]), 1e-3)
-            bias[ry, rx, c] = np.clip(full @ coef, -max_bias, max_bias)
+                keep &= resid <= max(2.0 * _median(resid[keep]), 1e-3)
+            plane = np.clip(coef[0] + gy * coef[1] + gx * coef[2], -max_bias, max_bias)
+            bias[rows, cols, c][region] = plane[region]
     return bias[..., 0] if diff.ndim == 2 else bias
+
+
+def _median(values):
+    """float median of a non-empty 1-D array, as np.median gives it, without its overhead (this
+    runs a dozen times per box on a few thousand values)."""
+    half = len(values) // 2
+    if len(values) % 2:
+        return float(np.partition(values, half)[half])
+    low, high = np.partition(values, (half - 1, half))[half - 1 : half + 1]
+    return float((low + high) / 2)
+
+
+def _plane_fit(design, values):
+    """Least-squares coefficients of `design` (N x 3) for `values`, by the normal equations (a
+    3 x 3 solve: far cheaper than an SVD on thousands of ring pixels, and as exact here, the
+    columns being centred and scaled)."""
+    gram = design.T @ design
+    try:
+        return np.linalg.solve(gram, design.T @ values)
+    except np.linalg.LinAlgError:  # ring pixels on one line: fall back to the minimum-norm fit
+        return np.linalg.lstsq(design, values, rcond=None)[0]
 
 
 def _default(
@@ -264,16 +324,14 @@ def _default(
     Over 80 lines because of its signature and this description of each tuned parameter; the body
     is one pass of about 50 lines (score, thresholds, edge trim, clean-up) that reads best whole.
     """
-    from skimage.filters import apply_hysteresis_threshold
-
     crop, inside, ring, scale, score = _box_crop_for(anomaly, normal, reference, box)
     settings = _score_settings(scale, smooth, chroma_smooth, blur_tolerance, contrast_weight, contrast_tolerance, structure_weight, structure_sigma, structure_tolerance, max_bias)
     if score is None or settings != _default_settings(scale):
         score = _unexplained_score(anomaly[crop], normal[crop], None if reference is None else reference[crop], inside, ring, settings)
 
-    noise = min(float(np.median(score[ring])) if ring.any() else 0.0, 1.5)
+    noise = min(_median(score[ring]) if ring.any() else 0.0, 1.5)
     low, high = max(low, noise_factor[0] * noise), max(high, noise_factor[1] * noise)
-    mask = apply_hysteresis_threshold(score, low, high)
+    mask = _hysteresis(score, low, high)
     if not mask.any():
         return np.zeros(box.shape, dtype=bool)
 
@@ -283,7 +341,7 @@ def _default(
         # the reference).
         found, sigma = mask, 4.0 * scale
         band = 2 * int(round(edge_width * scale)) + 1
-        solid = ndimage.binary_fill_holes(found).astype(np.uint8)  # holes' rims are not borders
+        solid = _fill_holes(found).astype(np.uint8)  # holes' rims are not borders
         core = cv2.erode(solid, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (band, band))) > 0
         for _ in range(2):
             weight = mask.astype(np.float32)
@@ -300,10 +358,17 @@ def _tidy(mask, inside, scale, min_area, min_fraction, max_hole):
     k = max(3, int(round(3 * scale)) | 1)
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) > 0
     # Fill small holes (texture with a few unchanged pixels), not the inside of a drawn loop.
-    holes = ndimage.binary_fill_holes(mask) & ~mask
+    holes = _fill_holes(mask) & ~mask
     if holes.any():
         mask |= holes & ~_remove_small(holes, max_hole * scale * scale, 0.0)
     return _remove_small(mask & inside, min_area * scale * scale, min_fraction)
+
+
+def _bounds(mask):
+    """(row slice, column slice) of the bounding rectangle of a non-empty bool mask (projections:
+    far cheaper than np.nonzero on a whole image)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
 def _size_scale(shape):
@@ -342,10 +407,10 @@ def _box_crop(box, scale=None):
     the boxes' bounding rectangle plus a margin for the filters. scale: None for the image's own."""
     height, width = box.shape
     scale = _size_scale(box.shape) if scale is None else scale
-    ys, xs = np.nonzero(box)
+    rows, cols = _bounds(box)
     pad = int(np.ceil(8 * scale))
-    y0, y1 = max(0, ys.min() - pad), min(height, ys.max() + 1 + pad)
-    x0, x1 = max(0, xs.min() - pad), min(width, xs.max() + 1 + pad)
+    y0, y1 = max(0, rows.start - pad), min(height, rows.stop + pad)
+    x0, x1 = max(0, cols.start - pad), min(width, cols.stop + pad)
     inside = box[y0:y1, x0:x1]
     return (slice(y0, y1), slice(x0, x1)), inside, _ring(inside, max(2, round(3 * scale))), scale
 
@@ -358,10 +423,12 @@ def _score_settings(scale, smooth, chroma_smooth, blur_tolerance, contrast_weigh
 def _unexplained_score(anomaly, normal, reference, inside, ring, settings, parts=None):
     """_change_score against `normal`, and with a reference the smaller of it and the score against
     the reference, term by term in `parts`: changed only where neither image explains it."""
-    score = _change_score(anomaly, normal, inside, ring, *settings, parts=parts)
+    scale, (smooth, _) = settings[:2]
+    a = _smooth_lab(anomaly, smooth * scale)  # once for both comparisons
+    score = _change_score(a, _smooth_lab(normal, smooth * scale), inside, ring, *settings, parts=parts)
     if reference is not None:
         other = None if parts is None else {}
-        score = np.minimum(score, _change_score(anomaly, reference, inside, ring, *settings, parts=other))
+        score = np.minimum(score, _change_score(a, _smooth_lab(reference, smooth * scale), inside, ring, *settings, parts=other))
         if parts is not None:
             for k in ("colour", "contrast", "structure"):
                 parts[k] = np.minimum(parts[k], other[k])
@@ -369,13 +436,16 @@ def _unexplained_score(anomaly, normal, reference, inside, ring, settings, parts
     return score
 
 
-def _change_score(
-    anomaly, normal, inside, ring, scale, smooth, blur_tolerance, contrast_weight, contrast_tolerance, structure, max_bias, parts=None
-):
-    """Per-pixel change score (deltaE units), 0 outside the box. `parts`: a dict to receive the
-    terms before they are combined (colour, contrast, structure; the mask head's features)."""
+def _smooth_lab(img, sigma):
+    return _blur(_lab(img), sigma)
+
+
+def _change_score(a, n, inside, ring, scale, smooth, blur_tolerance, contrast_weight, contrast_tolerance, structure, max_bias, parts=None):
+    """Per-pixel change score (deltaE units), 0 outside the box, of the generated image `a` against
+    the defect-free one `n`, both as _smooth_lab gives them (smoothed by `smooth`[0] x `scale`).
+    `parts`: a dict to receive the terms before they are combined (colour, contrast, structure;
+    the mask head's features)."""
     smooth, chroma_smooth = smooth
-    a, n = _blur(_lab(anomaly), smooth * scale), _blur(_lab(normal), smooth * scale)
 
     # Colour/brightness change after removing the smooth drift, tolerant to a mild blur of the
     # generated image: the smallest difference to the defect-free image blurred over the levels, so
@@ -390,19 +460,20 @@ def _change_score(
         for x in coarse:
             x[..., 1:] = _blur(np.ascontiguousarray(x[..., 1:]), chroma_smooth * scale)
         pairs.append(tuple(coarse))
-    # The blur level is chosen on the ring: the smallest sigma that explains it (10% margin).
+    # The blur level is chosen on the ring: the smallest sigma that explains it (10% margin). Each
+    # level is judged on the ring's pixels alone; the whole box is compared at the chosen one.
+    sharp = _min_delta(pairs)
+    ring_pixels = [x[ring][:, None] for x, _ in pairs]  # as images one pixel wide
     best = None
     for sigma in np.atleast_1d(blur_tolerance):
-        diff = None
-        for x, y in pairs:
-            d = _delta(x, y)
-            if sigma > 0:
-                d = np.minimum(d, _delta(x, _blur(y, sigma * scale)))
-            diff = d if diff is None else np.minimum(diff, d)
-        level = float(np.median(diff[ring])) if ring.any() else 0.0
+        blurred = [_blur(y, sigma * scale) for _, y in pairs] if sigma > 0 else None
+        ring_diff = sharp[ring]
+        if blurred is not None:
+            ring_diff = np.minimum(ring_diff, _min_delta([(x, b[ring][:, None]) for x, b in zip(ring_pixels, blurred)])[:, 0])
+        level = _median(ring_diff) if ring.any() else 0.0
         if best is None or level < 0.9 * best[0]:
-            best = (level, diff, sigma)
-    diff = best[1]
+            best = (level, blurred, sigma)
+    diff = sharp if best[1] is None else np.minimum(sharp, _min_delta([(x, b) for (x, _), b in zip(pairs, best[1])]))
 
     # Loss of local contrast: texture smoothed out or replaced at the same mean colour. Only the
     # loss counts: a gain also appears just outside the edge of any brightness change.
@@ -459,7 +530,7 @@ def mask_features(anomaly, normal, box, reference=None):
     crop, inside, ring, scale, score = _box_crop_for(anomaly, normal, reference, box, parts)
     if score is None:
         score = _unexplained_score(anomaly[crop], normal[crop], None if reference is None else reference[crop], inside, ring, _default_settings(scale), parts)
-    noise = float(np.median(score[ring])) if ring.any() else 0.0
+    noise = _median(score[ring]) if ring.any() else 0.0
     peak = float(np.percentile(score[inside], 99))
     light = parts["lightness"]
     # Ridge of the lightness change: a thin line keeps its core after the round trip's spread.
@@ -472,24 +543,30 @@ def mask_features(anomaly, normal, box, reference=None):
     ln = _lab(normal[crop])
     ln = ln if ln.ndim == 2 else ln[..., 0]
     columns = [
-        np.log1p(score),
-        np.log1p(parts["colour"]),
-        np.log1p(parts["contrast"]),
-        np.log1p(parts["structure"]),
-        np.log1p(_blur(score, 1.5 * scale)),
-        np.log1p(_blur(score, 4 * scale)),
-        np.log1p(_blur(score, 8 * scale)),
+        _log1p(score),
+        _log1p(parts["colour"]),
+        _log1p(parts["contrast"]),
+        _log1p(parts["structure"]),
+        _log1p(_blur(score, 1.5 * scale)),
+        _log1p(_blur(score, 4 * scale)),
+        _log1p(_blur(score, 8 * scale)),
         score / (cv2.dilate(score, k3) + 0.5),
         score / (cv2.dilate(score, k7) + 0.5),
-        np.full_like(score, np.log1p(noise)),
-        np.log1p(score / (noise + 0.3)),
-        np.full_like(score, np.log1p(peak)),
+        np.full_like(score, _log1p(noise)),
+        _log1p(score / (noise + 0.3)),
+        np.full_like(score, _log1p(peak)),
         np.tanh(_blur(light, 0.7 * scale) / 10.0),
-        np.log1p(_local_std(ln, 2 * scale)),
-        np.log1p(ridge),
-        np.log1p(np.maximum(score - _blur(score, 3 * scale), 0.0)),
+        _log1p(_local_std(ln, 2 * scale)),
+        _log1p(ridge),
+        _log1p(np.maximum(score - _blur(score, 3 * scale), 0.0)),
     ]
     return np.stack([c[inside] for c in columns], axis=1).astype(np.float32), crop, inside, scale
+
+
+def _log1p(x):
+    """log(1 + x) for x >= 0: numpy's log1p is not vectorised and takes several times as long, and
+    its extra precision near 0 is lost on these features anyway."""
+    return np.log(x + 1.0)
 
 
 def _default_settings(scale):
@@ -542,9 +619,7 @@ def threshold_probability(prob, crop, inside, shape, low, high, min_area=12, min
     """Bool mask of image `shape` from the probability over the crop: hysteresis (a region must
     reach `high`, grows down to `low`), then gaps closed, small holes filled, specks removed.
     scale: the size scale the features used (None: the image's own)."""
-    from skimage.filters import apply_hysteresis_threshold
-
-    mask = apply_hysteresis_threshold(prob, low, high)
+    mask = _hysteresis(prob, low, high)
     out = np.zeros(shape, dtype=bool)
     if mask.any():
         out[crop] = _tidy(mask, inside, _size_scale(shape) if scale is None else scale, min_area, min_fraction, max_hole)

@@ -490,3 +490,22 @@ def test_benchmark_ceiling_thresholds_the_clean_change():
     for p in pairs:  # the clean change lies where the shape was painted, blurred a little
         near = cv2.dilate(p["truth"].astype(np.uint8), np.ones((15, 15), np.uint8)) > 0
         assert p["blurred_change"][~near].max() < 1.0
+
+
+def test_fast_building_blocks_match_the_library_functions_they_replace():
+    """The OpenCV hysteresis, hole filling and the median give what skimage, scipy and numpy give."""
+    from scipy import ndimage
+    from skimage.filters import apply_hysteresis_threshold
+
+    from mvp_diff.masks import _fill_holes, _hysteresis, _median
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        score = cv2.GaussianBlur(rng.random((61, 47)).astype(np.float32), (0, 0), 1.5)
+        low, high = np.percentile(score, [40, 95])
+        assert np.array_equal(_hysteresis(score, low, high), apply_hysteresis_threshold(score, low, high))
+        mask = score > np.percentile(score, 50)
+        assert np.array_equal(_fill_holes(mask), ndimage.binary_fill_holes(mask))
+    for n in (1, 2, 7, 1000):
+        values = rng.random(n).astype(np.float32)
+        assert _median(values) == float(np.median(values))
