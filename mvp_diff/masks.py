@@ -7,7 +7,8 @@ Three methods:
   loss-of-local-contrast term and a loss-of-fine-structure (band-pass) term for texture changes
   and blur; hysteresis threshold on absolute
   levels (an unchanged box gives an empty mask), borders where the score falls off, speck
-  removal, small-hole filling. numpy/OpenCV only, a few milliseconds per 512 px image.
+  removal, small-hole filling. numpy/OpenCV only; about five times a 512x512 colour Gaussian blur
+  per 512 px image (benchmarks/results/masks.md).
 - "learned": the default method's terms, at several scales, fed to a tiny per-pixel classifier
   (mask_head.npz, 4 KB, trained by benchmarks/train_mask_head.py on the mask benchmark's tune
   split only), then hysteresis on its probability and the same clean-up. numpy only.
