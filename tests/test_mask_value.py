@@ -28,6 +28,7 @@ def test_pairs_paste_a_defect_smaller_than_its_box(demo_dataset_master, tmp_path
         assert np.array_equal(image[~box], good[~box])  # outside the boxes: the defect-free image
         assert (image[true].astype(int) - good[true]).any()
     assert ious["true"] == 1.0 and ious["box"] < 0.6 and ious["precise"] > ious["box"]
+    assert 0.0 <= ious["learned"] <= 1.0 and not any("learned" in p for p in pairs)  # measured, not written
 
 
 def test_bad_flags_fail_in_one_line(tmp_path):
@@ -51,6 +52,7 @@ def test_whole_run_reports_every_label_and_resumes(tmp_path):
     for label in mask_value.LABELS:
         assert f"| {label} |" in report
     assert "Ranking by overall pixel AP: seed 0: " in report and "; seed 1: " in report
+    assert "; learned (IoU only, not trained on) " in report
     runs = sorted((out / "runs" / "grid").glob("*.json"))
     assert len(runs) == 2 * len(mask_value.LABELS)
     stamps = {p: p.stat().st_mtime_ns for p in runs}
@@ -68,3 +70,4 @@ def test_whole_run_reports_every_label_and_resumes(tmp_path):
     assert all(p.stat().st_mtime_ns != stamps[p] for p in runs)
     remade = json.loads(next((out / "pairs").rglob("pairs.json")).read_text())
     assert remade["settings"]["mask_versions"]["default"] == mask_method_version("default")
+    assert remade["settings"]["mask_versions"]["learned"] == mask_method_version("learned")
