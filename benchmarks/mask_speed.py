@@ -42,6 +42,13 @@ def load_version(revision, into):
     return importlib.import_module("mvp_diff_base.masks")
 
 
+def mask_of(version, method, pair, image):
+    """`version`'s extract_mask of `image` against the pair's defect-free image; "METHOD+ref" passes
+    the pair's simulated VAE round trip as the reference (as benchmarks/mask_precision.py names them)."""
+    name, _, ref = method.partition("+")
+    return version.extract_mask(image, pair["normal"], pair["box"], method=name, reference=pair["reference"] if ref else None)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="HEAD", help="git revision to compare with (default: HEAD, i.e. uncommitted changes)")
@@ -64,20 +71,17 @@ def main():
         same = {m: 0 for m in args.methods}
         for version in versions.values():  # warm-up: imports and first-call set-up are not per-image costs
             for m in args.methods:
-                method, _, ref = m.partition("+")
-                version.extract_mask(pairs[0]["anomaly"], pairs[0]["normal"], pairs[0]["box"], method=method, reference=pairs[0]["reference"] if ref else None)
+                mask_of(version, m, pairs[0], pairs[0]["anomaly"])
         calls = 0
         for pair in tqdm(pairs, desc="masks", leave=False):
             for image in (pair["anomaly"], pair["control"]):
                 order = list(versions) if calls % 2 == 0 else list(versions)[::-1]
                 calls += 1
                 for m in args.methods:
-                    method, _, ref = m.partition("+")
-                    reference = pair["reference"] if ref else None
                     out = {}
                     for v in order:
                         t0 = time.perf_counter()
-                        out[v] = versions[v].extract_mask(image, pair["normal"], pair["box"], method=method, reference=reference)
+                        out[v] = mask_of(versions[v], m, pair, image)
                         seconds[v, m] += time.perf_counter() - t0
                     same[m] += bool(np.array_equal(out["base"], out["current"]))
 

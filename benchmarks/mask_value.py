@@ -41,7 +41,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from benchmarks.mask_precision import generated_image
+from benchmarks.mask_precision import generated_image, iou
 from mvp_diff.boxes import box_mask, mask_regions
 from mvp_diff.cli_args import ArgumentParser, positive_int
 from mvp_diff.dataset import list_classes, load_class
@@ -137,18 +137,15 @@ def make_pairs(split, num, seed, folder, fill, jitter):
             "box": box > 0,
             "official": extract_mask(degraded, good, box, method="official"),
         }
-        measured = {m: extract_mask(degraded, good, box, method=m) for m in MEASURED_ONLY}
-        for label, mask in measured.items():
-            union = (mask | true).sum()
-            ious[label].append(float((mask & true).sum() / union) if union else 1.0)
+        for label in MEASURED_ONLY:
+            ious[label].append(iou(extract_mask(degraded, good, box, method=label), true))
         name = f"{i:04d}.png"
         pair = {"defect_type": defect, "good_image": str(good_path), "image": str(folder / "image" / name)}
         save_image(pair["image"], degraded)
         for label, mask in masks.items():
             pair[label] = str(folder / label / name)
             save_image(pair[label], mask.astype(np.uint8) * 255)
-            union = (mask | true).sum()
-            ious[label].append(float((mask & true).sum() / union) if union else 1.0)
+            ious[label].append(iou(mask, true))
         pairs.append(pair)
     return pairs, {k: float(np.mean(v)) for k, v in ious.items()}
 

@@ -465,10 +465,11 @@ def _change_score(a, n, inside, ring, scale, smooth, blur_tolerance, contrast_we
     # level is judged on the ring's pixels alone; the whole box is compared at the chosen one.
     sharp = _min_delta(pairs)
     ring_pixels = [x[ring][:, None] for x, _ in pairs]  # as images one pixel wide
+    sharp_ring = sharp[ring]
     best = None
     for sigma in np.atleast_1d(blur_tolerance):
         blurred = [_blur(y, sigma * scale) for _, y in pairs] if sigma > 0 else None
-        ring_diff = sharp[ring]
+        ring_diff = sharp_ring
         if blurred is not None:
             ring_diff = np.minimum(ring_diff, _min_delta([(x, b[ring][:, None]) for x, b in zip(ring_pixels, blurred)])[:, 0])
         level = _median(ring_diff) if ring.any() else 0.0
@@ -570,8 +571,10 @@ def _log1p(x):
     return np.log(x + 1.0)
 
 
+@functools.cache
 def _default_settings(scale):
-    """The default method's score settings, as _change_score takes them."""
+    """The default method's score settings, as _change_score takes them (read from the signatures
+    once per scale: this runs on every box)."""
     defaults = {k: v.default for k, v in inspect.signature(_default).parameters.items()}
     names = list(inspect.signature(_score_settings).parameters)[1:]
     return _score_settings(scale, *(defaults[k] for k in names))
