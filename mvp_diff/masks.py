@@ -29,7 +29,7 @@ from .errors import UsageError, UserError
 
 MASK_METHODS = ("default", "official", "learned")
 # Bumped whenever a method's masks change for the same inputs: Stage 3 never mixes two versions.
-MASK_METHOD_VERSIONS = {"default": "3", "official": "1", "learned": "2"}
+MASK_METHOD_VERSIONS = {"default": "4", "official": "1", "learned": "3"}
 
 
 def mask_method_version(method):
@@ -278,6 +278,8 @@ def _default(
     blur_tolerance=(0.8, 1.2, 1.6),
     contrast_weight=16.0,
     contrast_tolerance=0.3,
+    contrast_blur=0.7,
+    ring_explained=4.0,
     structure_weight=6.0,
     structure_sigma=1.0,
     structure_tolerance=0.1,
@@ -296,7 +298,11 @@ def _default(
       image (a VAE round trip blurs a little; it does not sharpen, so blurring the generated image
       instead would only explain away thin and faint defects);
     - `contrast_weight` x the loss of local contrast beyond `contrast_tolerance` (log ratio of local
-      standard deviations of L): texture smoothed out or replaced at the same mean colour;
+      standard deviations of L): texture smoothed out or replaced at the same mean colour. The
+      defect-free image's contrast is taken after blurring it by `contrast_blur` x the blur the
+      ring shows (below): the round trip's own blur lowers fine contrast without any defect. Only
+      when that blur explains the ring to within `ring_explained` deltaE (median): a ring left far
+      from explained is covered by the defect, and the blur seen there is the defect's;
     - `structure_weight` x the loss of band-pass (sigma `structure_sigma`, 2 x that) energy of L
       against the normal image blurred as the ring says the round trip blurred, beyond
       `structure_tolerance` of it (see _structure_change); 0 turns it off.
@@ -326,7 +332,7 @@ def _default(
     is one pass of about 50 lines (score, thresholds, edge trim, clean-up) that reads best whole.
     """
     crop, inside, ring, scale, score = _box_crop_for(anomaly, normal, reference, box)
-    settings = _score_settings(scale, smooth, chroma_smooth, blur_tolerance, contrast_weight, contrast_tolerance, structure_weight, structure_sigma, structure_tolerance, max_bias)
+    settings = _score_settings(scale, smooth, chroma_smooth, blur_tolerance, contrast_weight, contrast_tolerance, contrast_blur, ring_explained, structure_weight, structure_sigma, structure_tolerance, max_bias)
     if score is None or settings != _default_settings(scale):
         score = _unexplained_score(anomaly[crop], normal[crop], None if reference is None else reference[crop], inside, ring, settings)
 
@@ -416,9 +422,9 @@ def _box_crop(box, scale=None):
     return (slice(y0, y1), slice(x0, x1)), inside, _ring(inside, max(2, round(3 * scale))), scale
 
 
-def _score_settings(scale, smooth, chroma_smooth, blur_tolerance, contrast_weight, contrast_tolerance, structure_weight, structure_sigma, structure_tolerance, max_bias):
+def _score_settings(scale, smooth, chroma_smooth, blur_tolerance, contrast_weight, contrast_tolerance, contrast_blur, ring_explained, structure_weight, structure_sigma, structure_tolerance, max_bias):
     """The default method's score parameters, grouped as _change_score takes them after its images."""
-    return (scale, (smooth, chroma_smooth), blur_tolerance, contrast_weight, contrast_tolerance, (structure_weight, structure_sigma, structure_tolerance), max_bias)
+    return (scale, (smooth, chroma_smooth), blur_tolerance, (contrast_weight, contrast_tolerance, contrast_blur, ring_explained), (structure_weight, structure_sigma, structure_tolerance), max_bias)
 
 
 def _unexplained_score(anomaly, normal, reference, inside, ring, settings, parts=None):
@@ -441,7 +447,7 @@ def _smooth_lab(img, sigma):
     return _blur(_lab(img), sigma)
 
 
-def _change_score(a, n, inside, ring, scale, smooth, blur_tolerance, contrast_weight, contrast_tolerance, structure, max_bias, parts=None):
+def _change_score(a, n, inside, ring, scale, smooth, blur_tolerance, contrast, structure, max_bias, parts=None):
     """Per-pixel change score (deltaE units), 0 outside the box, of the generated image `a` against
     the defect-free one `n`, both as _smooth_lab gives them (smoothed by `smooth`[0] x `scale`).
     `parts`: a dict to receive the terms before they are combined (colour, contrast, structure;
@@ -478,10 +484,16 @@ def _change_score(a, n, inside, ring, scale, smooth, blur_tolerance, contrast_we
     diff = sharp if best[1] is None else np.minimum(sharp, _min_delta([(x, b) for (x, _), b in zip(pairs, best[1])]))
 
     # Loss of local contrast: texture smoothed out or replaced at the same mean colour. Only the
-    # loss counts: a gain also appears just outside the edge of any brightness change.
+    # loss counts: a gain also appears just outside the edge of any brightness change. Measured
+    # against the defect-free image blurred by part of the ring's blur level: unblurred, a fine
+    # texture's contrast lost to the round trip alone marked unchanged boxes (a third of the false
+    # alarms on the mask benchmark's tune split; benchmarks/results/masks.md). Not when that level
+    # leaves the ring far from explained: a blurred defect covering the ring would explain itself.
+    contrast_weight, contrast_tolerance, contrast_blur, ring_explained = contrast
     la, ln = (a, n) if a.ndim == 2 else (a[..., 0], n[..., 0])
     eps = 2.0  # L units: below this, contrast is flat whatever the ratio
-    loss = np.log((_local_std(ln, 2 * scale) + eps) / (_local_std(la, 2 * scale) + eps))
+    round_trip_blur = contrast_blur * best[2] * scale if best[0] <= ring_explained else 0.0
+    loss = np.log((_local_std(_blur(ln, round_trip_blur), 2 * scale) + eps) / (_local_std(la, 2 * scale) + eps))
     texture = contrast_weight * np.maximum(loss - contrast_tolerance, 0.0)
     score = np.maximum(diff, texture)
 

@@ -295,7 +295,7 @@ def test_reference_explains_the_round_trip(colour):
     a defect (without it, a 3 px blur of a texture is), and a painted defect is still found."""
     normal = texture(40, colour)
     alone, blurred_reference = strong_round_trip(normal, 1, 3.0), strong_round_trip(normal, 2, 3.0)
-    assert extract_mask(alone, normal, BOX).sum() > 500  # why the reference is needed
+    assert extract_mask(alone, normal, BOX).sum() > 300  # why the reference is needed
     assert not extract_mask(alone, normal, BOX, reference=blurred_reference).any()
     reference = strong_round_trip(normal, 2, 2.0)
     assert not extract_mask(strong_round_trip(normal, 1, 2.0), normal, BOX, reference=reference).any()
@@ -376,6 +376,21 @@ def test_structure_term_sees_lost_texture_not_mild_blur_or_brightness_edges():
     step = normal + 60.0 * truth
     deep = cv2.erode(truth.astype(np.uint8), np.ones((15, 15), np.uint8)) > 0
     assert _structure_change(step, normal, 1.0, 0.1)[outer | deep].max() < 0.05
+
+
+@pytest.mark.parametrize("sigma", [1.4, 1.6])
+def test_contrast_lost_to_the_round_trips_blur_alone_is_not_a_defect(sigma):
+    """A fine texture blurred by the round trip alone: the contrast term compares with the defect-free
+    image blurred as the ring shows, so nothing is marked (compared unblurred, 400-1900 of the
+    box's pixels were); a smoothed-out disc and a darker one on it are still found."""
+    from skimage import data
+
+    brick = cv2.resize(data.brick(), (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+    for seed in range(2):
+        assert not extract_mask(strong_round_trip(brick, seed, sigma, noise=1.5), brick, BOX).any()
+    truth = disc(r=22)
+    assert iou(extract_mask(strong_round_trip(paint(brick, truth, "blurred"), 0, sigma, noise=1.5), brick, BOX), truth) > 0.4
+    assert iou(extract_mask(strong_round_trip(paint(brick, truth, "darker"), 0, sigma, noise=1.5), brick, BOX), truth) > 0.9
 
 
 def test_learned_head_loads_and_predicts_deterministically():
