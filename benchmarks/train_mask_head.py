@@ -81,7 +81,8 @@ def main():
     parser.add_argument("--hidden", type=int, default=24, help="hidden units (default: 24)")
     parser.add_argument("--steps", type=int, default=3000, help="training steps (default: 3000)")
     parser.add_argument("--max_alarms", type=float, default=0.0, help="largest share of unchanged boxes given a mask when choosing thresholds (default: 0: none)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512], help="image sizes the pairs are drawn at, in turn (default: 512)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512], help="image sizes the training pairs are drawn at, in turn (default: 512)")
+    parser.add_argument("--val_sizes", type=int, nargs="+", default=None, help="image sizes the threshold pairs are drawn at, in turn (default: as --sizes)")
     parser.add_argument("--output", default=str(MASK_HEAD), help=f"weights file (default: {MASK_HEAD})")
     args = parser.parse_args()
     cv2.setNumThreads(1)
@@ -90,7 +91,8 @@ def main():
     t0 = time.perf_counter()
     xs, ys = [], []
     for k in tqdm(range(args.pairs), desc="training pairs"):
-        x, y = samples(make_pair(rng, "tune", photos, args.sizes[k % len(args.sizes)]), rng, with_reference=k % 2 == 1)
+        # Sizes change every second pair: each size is seen with and without the reference.
+        x, y = samples(make_pair(rng, "tune", photos, args.sizes[k // 2 % len(args.sizes)]), rng, with_reference=k % 2 == 1)
         xs.append(x)
         ys.append(y)
     x, y = np.concatenate(xs), np.concatenate(ys)
@@ -100,7 +102,8 @@ def main():
 
     # Thresholds: the best mean IoU (painted shape) on other tune pairs, within the false-alarm budget.
     rng = np.random.default_rng(VAL_SEED)
-    val = [make_pair(rng, "tune", photos, args.sizes[k % len(args.sizes)]) for k in tqdm(range(args.val_pairs), desc="threshold pairs")]
+    val_sizes = args.val_sizes or args.sizes
+    val = [make_pair(rng, "tune", photos, val_sizes[k // 2 % len(val_sizes)]) for k in tqdm(range(args.val_pairs), desc="threshold pairs")]
     probs = []
     for k, pair in enumerate(tqdm(val, desc="threshold pairs: probabilities")):
         for image in (pair["anomaly"], pair["control"]):

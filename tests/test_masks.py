@@ -460,7 +460,8 @@ def test_stage3_settings_name_the_mask_method_version(tmp_path):
 
 def test_mask_head_training_script_writes_usable_weights(tmp_path):
     out = tmp_path / "head.npz"
-    args = ("--pairs", 2, "--val_pairs", 2, "--steps", 20, "--hidden", 4, "--sizes", 256, 128, "--output", out)
+    # Four pairs: the sizes change every second pair, so both sizes are drawn.
+    args = ("--pairs", 4, "--val_pairs", 2, "--steps", 20, "--hidden", 4, "--sizes", 256, 128, "--val_sizes", 128, "--output", out)
     proc = run_script("benchmarks/train_mask_head.py", *args, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "chosen: low" in proc.stdout
