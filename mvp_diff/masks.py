@@ -29,7 +29,7 @@ from .errors import UsageError, UserError
 
 MASK_METHODS = ("default", "official", "learned")
 # Bumped whenever a method's masks change for the same inputs: Stage 3 never mixes two versions.
-MASK_METHOD_VERSIONS = {"default": "4", "official": "1", "learned": "3"}
+MASK_METHOD_VERSIONS = {"default": "5", "official": "1", "learned": "3"}
 
 
 def mask_method_version(method):
@@ -317,7 +317,8 @@ def _default(
     blur_tolerance: candidate sigmas of the blurred copies; the one that best explains the ring is
     used (the blur of the round trip varies). max_bias: largest drift removed, per Lab channel.
     edge: a region's border sits where its score falls to this fraction of the score nearby, not
-    at `low`, so that soft edges do not fatten the mask. Above one half because the reference (the
+    at `low`, so that soft edges do not fatten the mask. The score there is taken before its final
+    `smooth`ing, which steadies detection but would widen the mask again. Above one half because the reference (the
     mean score of the region nearby) sits below the plateau on thin shapes, whose blurred profile
     never reaches it. A low `low` with this border lets a faint defect grow to its edge while
     `high` alone decides whether anything is marked (low 2, edge 0.65: chosen on the tune split,
@@ -331,10 +332,11 @@ def _default(
     Over 80 lines because of its signature and this description of each tuned parameter; the body
     is one pass of about 50 lines (score, thresholds, edge trim, clean-up) that reads best whole.
     """
-    crop, inside, ring, scale, score = _box_crop_for(anomaly, normal, reference, box)
+    parts = {}  # the score before its final smoothing places the border
+    crop, inside, ring, scale, score = _box_crop_for(anomaly, normal, reference, box, parts)
     settings = _score_settings(scale, smooth, chroma_smooth, blur_tolerance, contrast_weight, contrast_tolerance, contrast_blur, ring_explained, structure_weight, structure_sigma, structure_tolerance, max_bias)
     if score is None or settings != _default_settings(scale):
-        score = _unexplained_score(anomaly[crop], normal[crop], None if reference is None else reference[crop], inside, ring, settings)
+        score = _unexplained_score(anomaly[crop], normal[crop], None if reference is None else reference[crop], inside, ring, settings, parts)
 
     noise = min(_median(score[ring]) if ring.any() else 0.0, 1.5)
     low, high = max(low, noise_factor[0] * noise), max(high, noise_factor[1] * noise)
@@ -343,9 +345,9 @@ def _default(
         return np.zeros(box.shape, dtype=bool)
 
     if edge > 0:
-        # Border: in the band along each region's border, keep pixels whose score reaches `edge` x
-        # the mean score of the region nearby (twice, so the first pass's soft rim does not lower
-        # the reference).
+        # Border: in the band along each region's border, keep pixels whose unsmoothed score
+        # reaches `edge` x the mean score of the region nearby (twice, so the first pass's soft rim
+        # does not lower the reference).
         found, sigma = mask, 4.0 * scale
         band = 2 * int(round(edge_width * scale)) + 1
         solid = _fill_holes(found).astype(np.uint8)  # holes' rims are not borders
@@ -353,7 +355,7 @@ def _default(
         for _ in range(2):
             weight = mask.astype(np.float32)
             ref = _blur(score * weight, sigma) / np.maximum(_blur(weight, sigma), 1e-6)
-            mask = found & (core | (score >= np.maximum(low, edge * ref)))
+            mask = found & (core | (parts["unsmoothed"] >= np.maximum(low, edge * ref)))
 
     out = np.zeros(box.shape, dtype=bool)
     out[crop] = _tidy(mask, inside, scale, min_area, min_fraction, max_hole)
@@ -437,7 +439,7 @@ def _unexplained_score(anomaly, normal, reference, inside, ring, settings, parts
         other = None if parts is None else {}
         score = np.minimum(score, _change_score(a, _smooth_lab(reference, smooth * scale), inside, ring, *settings, parts=other))
         if parts is not None:
-            for k in ("colour", "contrast", "structure"):
+            for k in ("colour", "contrast", "structure", "unsmoothed"):
                 parts[k] = np.minimum(parts[k], other[k])
             parts["lightness"] = np.where(np.abs(other["lightness"]) < np.abs(parts["lightness"]), other["lightness"], parts["lightness"])
     return score
@@ -506,6 +508,8 @@ def _change_score(a, n, inside, ring, scale, smooth, blur_tolerance, contrast, s
     if parts is not None:
         parts.update(colour=diff, contrast=texture, structure=structure_loss if weight > 0 else np.zeros_like(diff), lightness=la - ln)
 
+    if parts is not None:
+        parts["unsmoothed"] = score
     score = _blur(score, smooth * scale)
     score[~inside] = 0.0
     return score
