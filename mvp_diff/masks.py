@@ -11,7 +11,8 @@ Three methods:
   per 512 px image (benchmarks/results/masks.md).
 - "learned": the default method's terms, at several scales, fed to a tiny per-pixel classifier
   (mask_head.npz, 4 KB, trained by benchmarks/train_mask_head.py on the mask benchmark's tune
-  split only), then hysteresis on its probability and the same clean-up. numpy only.
+  split only, with the terms of default method version 3: heads retrained on later terms marked
+  more unchanged boxes), then hysteresis on its probability and the same clean-up. numpy only.
 - "official": the paper's algorithm (1 - cosine similarity of RGB vectors, min-max
   normalisation, Otsu, small-region removal, dense CRF) with the published code's numeric bugs
   fixed. Blind to grey images and to brightness-only changes by design; kept for comparison.
