@@ -319,9 +319,9 @@ def _default(
     used (the blur of the round trip varies). max_bias: largest drift removed, per Lab channel.
     edge: a region's border sits where its score falls to this fraction of the score nearby, not
     at `low`, so that soft edges do not fatten the mask. The score there is taken before its final
-    `smooth`ing, which steadies detection but would widen the mask again. Above one half because the reference (the
-    mean score of the region nearby) sits below the plateau on thin shapes, whose blurred profile
-    never reaches it. A low `low` with this border lets a faint defect grow to its edge while
+    `smooth`ing, which steadies detection but would widen the mask again. Above one half because
+    the reference (the mean score of the region nearby) sits below the plateau on thin shapes,
+    whose blurred profile never reaches it. A low `low` with this border lets a faint defect grow to its edge while
     `high` alone decides whether anything is marked (low 2, edge 0.65: chosen on the tune split,
     benchmarks/results/masks.md). edge_width (pixels at 512 px): only this band along a
     region's outer border is trimmed (about the width of a blurred rim); the inside stays whole,
@@ -454,7 +454,8 @@ def _change_score(a, n, inside, ring, scale, smooth, blur_tolerance, contrast, s
     """Per-pixel change score (deltaE units), 0 outside the box, of the generated image `a` against
     the defect-free one `n`, both as _smooth_lab gives them (smoothed by `smooth`[0] x `scale`).
     `parts`: a dict to receive the terms before they are combined (colour, contrast, structure;
-    the mask head's features)."""
+    the mask head's features) and the score before its final smoothing (unsmoothed; the border
+    rule's)."""
     smooth, chroma_smooth = smooth
 
     # Colour/brightness change after removing the smooth drift, tolerant to a mild blur of the
@@ -507,10 +508,8 @@ def _change_score(a, n, inside, ring, scale, smooth, blur_tolerance, contrast, s
         structure_loss = weight * _structure_change(la, ref, sigma * scale, tolerance)
         score = np.maximum(score, structure_loss)
     if parts is not None:
-        parts.update(colour=diff, contrast=texture, structure=structure_loss if weight > 0 else np.zeros_like(diff), lightness=la - ln)
+        parts.update(colour=diff, contrast=texture, structure=structure_loss if weight > 0 else np.zeros_like(diff), lightness=la - ln, unsmoothed=score)
 
-    if parts is not None:
-        parts["unsmoothed"] = score
     score = _blur(score, smooth * scale)
     score[~inside] = 0.0
     return score
