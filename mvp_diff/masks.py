@@ -321,9 +321,9 @@ def _default(
     at `low`, so that soft edges do not fatten the mask. The score there is taken before its final
     `smooth`ing, which steadies detection but would widen the mask again. Above one half because
     the reference (the mean score of the region nearby) sits below the plateau on thin shapes,
-    whose blurred profile never reaches it. A low `low` with this border lets a faint defect grow to its edge while
-    `high` alone decides whether anything is marked (low 2, edge 0.65: chosen on the tune split,
-    benchmarks/results/masks.md). edge_width (pixels at 512 px): only this band along a
+    whose blurred profile never reaches it. A low `low` with this border lets a faint defect grow
+    to its edge while `high` alone decides whether anything is marked (low 2, edge 0.65: chosen on
+    the tune split, benchmarks/results/masks.md). edge_width (pixels at 512 px): only this band along a
     region's outer border is trimmed (about the width of a blurred rim); the inside stays whole,
     as a changed texture scores unevenly there.
     min_area (pixels at 512 px) and min_fraction (of the largest region): smaller regions are
