@@ -52,6 +52,12 @@ def samples(pair, rng, with_reference, per_class=1500):
     return np.concatenate(xs), np.concatenate(ys).astype(np.float32)
 
 
+def pair_size(sizes, k):
+    """The image size of pair k: sizes change every second pair, as the reference alternates every
+    pair, so each size is seen with and without the reference."""
+    return sizes[k // 2 % len(sizes)]
+
+
 def train(x, y, hidden, steps, seed):
     import torch
 
@@ -91,8 +97,7 @@ def main():
     t0 = time.perf_counter()
     xs, ys = [], []
     for k in tqdm(range(args.pairs), desc="training pairs"):
-        # Sizes change every second pair: each size is seen with and without the reference.
-        x, y = samples(make_pair(rng, "tune", photos, args.sizes[k // 2 % len(args.sizes)]), rng, with_reference=k % 2 == 1)
+        x, y = samples(make_pair(rng, "tune", photos, pair_size(args.sizes, k)), rng, with_reference=k % 2 == 1)
         xs.append(x)
         ys.append(y)
     x, y = np.concatenate(xs), np.concatenate(ys)
@@ -103,7 +108,7 @@ def main():
     # Thresholds: the best mean IoU (painted shape) on other tune pairs, within the false-alarm budget.
     rng = np.random.default_rng(VAL_SEED)
     val_sizes = args.val_sizes or args.sizes
-    val = [make_pair(rng, "tune", photos, val_sizes[k // 2 % len(val_sizes)]) for k in tqdm(range(args.val_pairs), desc="threshold pairs")]
+    val = [make_pair(rng, "tune", photos, pair_size(val_sizes, k)) for k in tqdm(range(args.val_pairs), desc="threshold pairs")]
     probs = []
     for k, pair in enumerate(tqdm(val, desc="threshold pairs: probabilities")):
         for image in (pair["anomaly"], pair["control"]):
