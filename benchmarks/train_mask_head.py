@@ -2,9 +2,10 @@
 of the mask benchmark's TUNE split only (its photographs and texture family; seeds other than the
 tune split's evaluation seed), and choose its hysteresis thresholds on other tune pairs.
 
-Pixels inside each box, labelled by the painted shape; half the pairs are seen with the simulated
-VAE-round-trip reference; the unchanged control of every pair gives negatives. A one-hidden-layer
-network (ReLU), trained with torch on CPU and stored as numpy arrays: inference is numpy only.
+Pixels inside each box (every box measured on its own, as extract_mask does), labelled by the
+painted shape; half the pairs are seen with the simulated VAE-round-trip reference; the unchanged
+control of every pair gives negatives. A one-hidden-layer network (ReLU), trained with torch on CPU
+and stored as numpy arrays: inference is numpy only.
 
     python -m benchmarks.train_mask_head --pairs 160 --val_pairs 40
 """
@@ -22,6 +23,7 @@ from mvp_diff.files import atomic_write_bytes
 from mvp_diff.masks import (
     FEATURES,
     MASK_HEAD,
+    each_box,
     mask_features,
     mask_head_probability,
     prepare_inputs,
@@ -32,18 +34,20 @@ TRAIN_SEED = 1000  # the tune split's benchmark seed is 1: these pairs are other
 VAL_SEED = 2000
 
 
-def inputs(pair, image, with_reference):
-    """The pair's images as extract_mask prepares them."""
-    return prepare_inputs(image, pair["normal"], pair["box"], pair["reference"] if with_reference else None)
+def box_features(pair, image, with_reference):
+    """[(features, crop, inside, scale)] of each box of the pair, as extract_mask computes them (every
+    box on its own)."""
+    a, n, box, r = prepare_inputs(image, pair["normal"], pair["box"], pair["reference"] if with_reference else None)
+    return [mask_features(a, n, one, r) for one in each_box(box)]
 
 
 def samples(pair, rng, with_reference, per_class=1500):
-    """(features, labels) of a balanced draw of the box's pixels, and of the unchanged control."""
+    """(features, labels) of a balanced draw of the boxes' pixels, and of the unchanged control."""
     xs, ys = [], []
     for image, truth in ((pair["anomaly"], pair["truth"]), (pair["control"], np.zeros_like(pair["truth"]))):
-        a, n, box, r = inputs(pair, image, with_reference)
-        feats, crop, inside, _ = mask_features(a, n, box, r)
-        labels = truth[crop][inside]
+        boxes = box_features(pair, image, with_reference)
+        feats = np.concatenate([b[0] for b in boxes])
+        labels = np.concatenate([truth[crop][inside] for _, crop, inside, _ in boxes])
         for value in (True, False):
             idx = np.flatnonzero(labels == value)
             take = idx if len(idx) <= per_class else rng.choice(idx, per_class, replace=False)
@@ -112,17 +116,18 @@ def main():
     probs = []
     for k, pair in enumerate(tqdm(val, desc="threshold pairs: probabilities")):
         for image in (pair["anomaly"], pair["control"]):
-            a, n, box, r = inputs(pair, image, with_reference=k % 2 == 1)
-            feats, crop, inside, scale = mask_features(a, n, box, r)
-            prob = np.zeros(inside.shape, np.float32)
-            prob[inside] = mask_head_probability(feats, head)
-            probs.append((prob, crop, inside, box.shape, scale))
+            boxes = []
+            for feats, crop, inside, scale in box_features(pair, image, with_reference=k % 2 == 1):
+                prob = np.zeros(inside.shape, np.float32)
+                prob[inside] = mask_head_probability(feats, head)
+                boxes.append((prob, crop, inside, pair["box"].shape, scale))
+            probs.append(boxes)
     tried = []
     for hi in (0.6, 0.7, 0.8, 0.9, 0.95, 0.98):
         for lo in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
             if lo > hi:
                 continue
-            masks = [threshold_probability(*p[:4], lo, hi, scale=p[4]) for p in probs]
+            masks = [np.logical_or.reduce([threshold_probability(*p[:4], lo, hi, scale=p[4]) for p in boxes]) for boxes in probs]
             miou = float(np.mean([iou(m, pair["truth"]) for m, pair in zip(masks[0::2], val)]))
             alarms = float(np.mean([m.any() for m in masks[1::2]]))
             print(f"low {lo} high {hi}: mean IoU {miou:.3f}, unchanged with a mask {100 * alarms:.1f} %")

@@ -30,7 +30,7 @@ from .errors import UsageError, UserError
 
 MASK_METHODS = ("default", "official", "learned")
 # Bumped whenever a method's masks change for the same inputs: Stage 3 never mixes two versions.
-MASK_METHOD_VERSIONS = {"default": "5", "official": "1", "learned": "3"}
+MASK_METHOD_VERSIONS = {"default": "6", "official": "1", "learned": "4"}
 
 
 def mask_method_version(method):
@@ -63,7 +63,30 @@ def extract_mask(anomaly, normal, box, method="default", reference=None, **optio
     anomaly, normal, box, reference = prepare_inputs(anomaly, normal, box, reference)
     if not box.any():
         return np.zeros(box.shape, dtype=bool)
-    return func(anomaly, normal, box, reference=reference, **options) & box
+    if method == "official":  # the paper's algorithm normalises over the whole image
+        return func(anomaly, normal, box, reference=reference, **options) & box
+    mask = np.zeros(box.shape, dtype=bool)
+    for one in each_box(box):
+        mask |= func(anomaly, normal, one, reference=reference, **options)
+    return mask & box
+
+
+def each_box(box):
+    """The boxes of a non-empty bool box mask (its 8-connected regions), one image-sized bool mask
+    each. The default and learned methods measure every box on its own: its own ring gives the
+    drift, blur and noise it allows for, a defect in one box neither raises another's thresholds
+    nor removes its small regions, and the work stays within each box's own rectangle (two boxes
+    far apart would otherwise share one large crop)."""
+    rows, cols = _bounds(box)  # label only the boxes' bounding rectangle: the whole image costs more
+    count, labels = cv2.connectedComponents(box[rows, cols].astype(np.uint8), connectivity=8)
+    if count <= 2:
+        return [box]
+    boxes = []
+    for i in range(1, count):
+        one = np.zeros_like(box)
+        one[rows, cols] = labels == i
+        boxes.append(one)
+    return boxes
 
 
 @functools.cache
@@ -159,10 +182,11 @@ def _fill_holes(mask):
 
 def _remove_small(mask, min_area, min_fraction=0.1):
     """Drop 8-connected regions under `min_area` pixels or under `min_fraction` of the largest one."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    # connectedComponentsWithStats costs several times the labelling alone: count the areas here.
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
     if n <= 1:
         return np.zeros(mask.shape, dtype=bool)
-    areas = stats[1:, cv2.CC_STAT_AREA]
+    areas = np.bincount(labels.ravel(), minlength=n)[1:]
     keep = (areas >= min_area) & (areas >= min_fraction * areas.max())
     return np.concatenate([[False], keep])[labels]
 
@@ -206,42 +230,37 @@ def _ring(inside, width):
 
 
 def _ring_bias(diff, inside, ring, max_bias):
-    """Smooth offset of the signed Lab difference inside each box (the drift of a VAE round trip).
+    """Smooth offset of the signed Lab difference inside the box (the drift of a VAE round trip).
 
-    Fitted per box as a plane per channel, by trimmed least squares on the ring just inside the box
-    border (a generated defect fills the box's interior; the ring is mostly unchanged), from the ring
+    Fitted as a plane per channel, by trimmed least squares on the ring just inside the box border
+    (a generated defect fills the box's interior; the ring is mostly unchanged), from the ring
     pixels that differ by at most 1.5 x `max_bias`, and capped at `max_bias`, so that a defect that
-    covers part of the ring too cannot be explained away.
+    covers part of the ring too cannot be explained away. One box: extract_mask measures each box
+    on its own.
     """
     chans = diff[..., None] if diff.ndim == 2 else diff
     bias = np.zeros_like(chans)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(inside.astype(np.uint8), connectivity=8)
-    for i in range(1, count):
-        # Work in the box's bounding rectangle: indexing the whole crop per box costs more.
-        x0, y0, w, h = stats[i, :4]
-        rows, cols = slice(y0, y0 + h), slice(x0, x0 + w)
-        region = labels[rows, cols] == i
-        ys, xs = np.nonzero(region & ring[rows, cols])
-        if len(ys) < 8:
-            continue
-        ys, xs = ys + y0, xs + x0
+    ys, xs = np.nonzero(ring)
+    values = np.ascontiguousarray(chans[ys, xs].T, dtype=np.float64)  # channels x ring pixels
+    # Ring pixels changed by more than a drift can are the defect: leave them out, and fit nothing
+    # in a channel where they are most of the ring.
+    keep = np.abs(values) <= 1.5 * max_bias
+    fitted = np.flatnonzero(keep.sum(axis=1) >= max(8, 0.25 * len(ys)))
+    if len(fitted):
+        values, keep = values[fitted], keep[fitted]
         cy, cx = ys.mean(), xs.mean()
-        design = np.stack([np.ones(len(ys)), (ys - cy) / 100.0, (xs - cx) / 100.0], axis=1)
-        gy = (np.arange(rows.start, rows.stop) - cy)[:, None] / 100.0
-        gx = (np.arange(cols.start, cols.stop) - cx)[None, :] / 100.0
-        for c in range(chans.shape[2]):
-            values = chans[ys, xs, c].astype(np.float64)
-            # Ring pixels changed by more than a drift can are the defect: leave them out, and
-            # fit nothing when they are most of the ring.
-            keep = np.abs(values) <= 1.5 * max_bias
-            if keep.sum() < max(8, 0.25 * len(values)):
-                continue
-            for _ in range(3):  # refit without the ring pixels the defect touches
-                coef = _plane_fit(design[keep], values[keep])
-                resid = np.abs(values - design @ coef)
-                keep &= resid <= max(2.0 * _median(resid[keep]), 1e-3)
-            plane = np.clip(coef[0] + gy * coef[1] + gx * coef[2], -max_bias, max_bias)
-            bias[rows, cols, c][region] = plane[region]
+        design = np.stack([np.ones(len(ys)), (ys - cy) / 100.0, (xs - cx) / 100.0])
+        for _ in range(3):  # refit without the ring pixels the defect touches
+            coef = _plane_fits(design, values, keep)
+            resid = np.abs(values - coef @ design)
+            keep &= resid <= np.array([[max(2.0 * _median(r[k]), 1e-3)] for r, k in zip(resid, keep)])
+        # Only over the box's bounding rectangle: the crop's margin needs no bias.
+        rows, cols = _bounds(inside)
+        gy = ((np.arange(rows.start, rows.stop) - cy) / 100.0)[:, None]
+        gx = ((np.arange(cols.start, cols.stop) - cx) / 100.0)[None, :]
+        region, target = inside[rows, cols], bias[rows, cols]
+        for (c0, c1, c2), c in zip(coef, fitted):
+            target[..., c][region] = np.clip(c0 + gy * c1 + gx * c2, -max_bias, max_bias)[region]
     return bias[..., 0] if diff.ndim == 2 else bias
 
 
@@ -255,15 +274,17 @@ def _median(values):
     return float((low + high) / 2)
 
 
-def _plane_fit(design, values):
-    """Least-squares coefficients of `design` (N x 3) for `values`, by the normal equations (a
-    3 x 3 solve: far cheaper than an SVD on thousands of ring pixels, and as exact here, the
-    columns being centred and scaled)."""
-    gram = design.T @ design
+def _plane_fits(design, values, keep):
+    """Least-squares coefficients (C x 3) of `design` (3 x N) for each row of `values` (C x N) over
+    its `keep` pixels, by the normal equations: 3 x 3 solves, all rows at once, far cheaper than an
+    SVD on thousands of ring pixels and as exact here, the design being centred and scaled."""
+    weight = keep.astype(np.float64)
+    gram = np.stack([(weight * d) @ design.T for d in design], axis=1)  # C x 3 x 3
+    rhs = (weight * values) @ design.T
     try:
-        return np.linalg.solve(gram, design.T @ values)
-    except np.linalg.LinAlgError:  # ring pixels on one line: fall back to the minimum-norm fit
-        return np.linalg.lstsq(design, values, rcond=None)[0]
+        return np.linalg.solve(gram, rhs[..., None])[..., 0]
+    except np.linalg.LinAlgError:  # ring pixels on one line: fall back to the minimum-norm fits
+        return np.stack([np.linalg.lstsq(design[:, k].T, v[k], rcond=None)[0] for v, k in zip(values, keep)])
 
 
 def _default(
@@ -543,7 +564,8 @@ FEATURES = (
 
 def mask_features(anomaly, normal, box, reference=None):
     """(features N x len(FEATURES) float32, crop slices, box inside the crop, size scale) for the N
-    pixels inside the box, in the crop's row-major order. Inputs as `extract_mask` checks them."""
+    pixels inside the box, in the crop's row-major order. Inputs as `extract_mask` checks them; one
+    box (as each_box gives them: the drift is fitted on its ring as one box)."""
     parts = {}
     crop, inside, ring, scale, score = _box_crop_for(anomaly, normal, reference, box, parts)
     if score is None:

@@ -155,6 +155,26 @@ def test_mask_stays_inside_boxes():
     assert iou(mask, change & (boxes > 0)) > 0.8
 
 
+@pytest.mark.parametrize("method", ["default", "learned"])
+def test_each_box_is_measured_on_its_own(method):
+    """Two boxes give the union of each box's own mask: a large defect in one box neither removes
+    a small one in the other (regions under a share of the largest are dropped per box) nor sets
+    the other's drift, blur and noise allowance."""
+    from mvp_diff.masks import each_box
+
+    normal = texture(30)
+    big, small = box_of(20, 20, 120, 120), box_of(160, 150, 230, 220)
+    change = disc(cx=70, cy=70, r=35) | disc(cx=195, cy=185, r=5)
+    anomaly = vae_like(paint(normal, change, "darker"), 31, big | small)
+    both = extract_mask(anomaly, normal, big | small, method=method)
+    alone = [extract_mask(anomaly, normal, b, method=method) for b in (big, small)]
+    assert np.array_equal(both, alone[0] | alone[1])
+    # the small defect (about 80 px, under 5 % of the large one) is kept in its own box
+    assert iou(alone[1], change & (small > 0)) > 0.5, iou(alone[1], change & (small > 0))
+    assert [b.sum() for b in each_box((big | small) > 0)] == [100 * 100, 70 * 70]
+    assert len(each_box(big > 0)) == 1
+
+
 @pytest.mark.parametrize("look", ["darker", "tinted", "blurred"])
 def test_defect_filling_the_whole_box_is_found(look):
     """The ring just inside the box is changed too: the drift and noise estimates must not hide it.
