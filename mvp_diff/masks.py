@@ -7,7 +7,7 @@ Three methods:
   loss-of-local-contrast term and a loss-of-fine-structure (band-pass) term for texture changes
   and blur; hysteresis threshold on absolute
   levels (an unchanged box gives an empty mask), borders where the score falls off, speck
-  removal, small-hole filling. numpy/OpenCV only; about five times a 512x512 colour Gaussian blur
+  removal, small-hole filling. numpy/OpenCV only; about four times a 512x512 colour Gaussian blur
   per 512 px image (benchmarks/results/masks.md).
 - "learned": the default method's terms, at several scales, fed to a tiny per-pixel classifier
   (mask_head.npz, 4 KB, trained by benchmarks/train_mask_head.py on the mask benchmark's tune
@@ -51,7 +51,8 @@ def extract_mask(anomaly, normal, box, method="default", reference=None, **optio
     pixels come from the VAE decoder, so what the round trip alone explains is not a defect. The
     default method takes a pixel as changed only when neither image explains it; the official
     method compares with the reference instead of `normal`. `options` are the chosen method's
-    keyword arguments.
+    keyword arguments. The default and learned methods measure each box (8-connected region of
+    `box`) on its own (each_box); the official method, the paper's, the whole image at once.
     """
     if method not in _METHODS:
         raise UsageError(f"--mask_method: unknown method {method!r}; choose one of {', '.join(MASK_METHODS)}")
