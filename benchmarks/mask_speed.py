@@ -7,6 +7,9 @@ both see the same machine load. Prints milliseconds per image, the ratio (base /
 many masks are identical: a change meant only to be faster must keep them all.
 
     python -m benchmarks.mask_speed --base HEAD~1 --num 40
+
+--grid N cuts every box into N x N boxes (2 px gaps between them): many small boxes on one image,
+where a per-box cost shows.
 """
 
 import argparse
@@ -42,6 +45,19 @@ def load_version(revision, into):
     return importlib.import_module("mvp_diff_base.masks")
 
 
+def grid_boxes(box, n):
+    """The box mask with each box cut into n x n boxes by 2 px gaps (n = 1: unchanged)."""
+    if n <= 1:
+        return box
+    out = box.copy()
+    stats = cv2.connectedComponentsWithStats((box > 0).astype(np.uint8), connectivity=8)[2]
+    for x, y, w, h, _ in stats[1:]:
+        for k in range(1, n):
+            out[y + k * h // n - 1 : y + k * h // n + 1, x : x + w] = 0
+            out[y : y + h, x + k * w // n - 1 : x + k * w // n + 1] = 0
+    return out
+
+
 def mask_of(version, method, pair, image):
     """`version`'s extract_mask of `image` against the pair's defect-free image; "METHOD+ref" passes
     the pair's simulated VAE round trip as the reference (as benchmarks/mask_precision.py names them)."""
@@ -56,9 +72,12 @@ def main():
     parser.add_argument("--size", type=int, default=512, help="image size in pixels (default: 512)")
     parser.add_argument("--split", default="tune", choices=list(SPLITS))
     parser.add_argument("--methods", nargs="+", default=["default", "default+ref", "learned", "learned+ref"])
+    parser.add_argument("--grid", type=int, default=1, help="cut every box into N x N boxes (default: 1, as drawn)")
     args = parser.parse_args()
     if args.num < 1:
         parser.error("--num must be at least 1")
+    if args.grid < 1:
+        parser.error("--grid must be at least 1")
     cv2.setNumThreads(1)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,6 +85,8 @@ def main():
         photos = {n: photograph(n) for n in SPLITS[args.split]["colour"] + SPLITS[args.split]["grey"]}
         rng = np.random.default_rng(SPLITS[args.split]["seed"] + 1000)
         pairs = [make_pair(rng, args.split, photos, args.size) for _ in tqdm(range(args.num), desc="pairs", leave=False)]
+        for pair in pairs:
+            pair["box"] = grid_boxes(pair["box"], args.grid)
         versions = {"base": base, "current": current}
         seconds = {(v, m): 0.0 for v in versions for m in args.methods}
         same = {m: 0 for m in args.methods}
@@ -85,7 +106,8 @@ def main():
                         seconds[v, m] += time.perf_counter() - t0
                     same[m] += bool(np.array_equal(out["base"], out["current"]))
 
-    print(f"{args.num} {args.split} pairs at {args.size} px (defect and unchanged box: {calls} images), one thread; base {args.base}")
+    cut = f", every box cut into {args.grid} x {args.grid}" if args.grid > 1 else ""
+    print(f"{args.num} {args.split} pairs at {args.size} px{cut} (defect and unchanged box: {calls} images), one thread; base {args.base}")
     print(f"  {'method':<12} {'base ms':>8} {'current ms':>11} {'base/current':>13}  identical masks")
     for m in args.methods:
         b, c = (1000 * seconds[v, m] / calls for v in versions)

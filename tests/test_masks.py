@@ -548,14 +548,16 @@ def test_fast_building_blocks_match_the_library_functions_they_replace():
 
 
 def test_mask_speed_script_compares_with_a_git_revision():
-    """The speed benchmark loads the masks module as committed and checks the masks match."""
+    """The speed benchmark loads the masks module as committed and checks the masks match (here with
+    every box cut into 2 x 2 boxes)."""
     import subprocess
 
     if subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", "HEAD:mvp_diff/masks.py"], capture_output=True).returncode:
         pytest.skip("not a git checkout with mvp_diff/masks.py committed")
     changed = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", "mvp_diff/masks.py", "mvp_diff/mask_head.npz"]).returncode
-    proc = run_script("benchmarks/mask_speed.py", "--base", "HEAD", "--num", 1, "--size", 128, "--methods", "default", "learned+ref", cwd=REPO, timeout=300)
+    proc = run_script("benchmarks/mask_speed.py", "--base", "HEAD", "--num", 1, "--size", 128, "--grid", 2, "--methods", "default", "learned+ref", cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "every box cut into 2 x 2" in proc.stdout
     rows = [line.split() for line in proc.stdout.splitlines() if line.strip().startswith(("default", "learned+ref"))]
     assert [r[0] for r in rows] == ["default", "learned+ref"]
     if not changed:  # the committed version is this one: every mask identical
