@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from benchmarks.mask_precision import SPLITS, make_pair, photograph
 from mvp_diff import masks as current
+from mvp_diff.boxes import mask_regions
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_FILES = ("masks.py", "errors.py", "mask_head.npz")
@@ -50,8 +51,8 @@ def grid_boxes(box, n):
     if n <= 1:
         return box
     out = box.copy()
-    stats = cv2.connectedComponentsWithStats((box > 0).astype(np.uint8), connectivity=8)[2]
-    for x, y, w, h, _ in stats[1:]:
+    for (x, y, x1, y1), _, _ in mask_regions(box > 0)[1]:
+        w, h = x1 - x, y1 - y
         for k in range(1, n):
             out[y + k * h // n - 1 : y + k * h // n + 1, x : x + w] = 0
             out[y : y + h, x + k * w // n - 1 : x + k * w // n + 1] = 0
