@@ -16,7 +16,12 @@ never used to choose anything; its figures are the headline). Each pair:
      two values in 0.3-1.4 across the image, per-channel gain +-4 % and offset +-4 levels, noise of
      1-4 levels modulated 0.5-1.5x across the image, a smooth shift of up to +-10 levels (partly per
      channel); then JPEG at quality 90, 75 or 60 (or none, a quarter of the pairs) and the
-     defect-free image pasted back outside the boxes, as inpainting.py does.
+     defect-free image pasted back outside the boxes, as inpainting.py does. That is the "blur"
+     model, the one every setting was chosen under. `--degradation resample` swaps in a second
+     model built unlike it and never used to choose anything (resample_round_trip: softening by
+     area downscaling and cubic upscaling, a tone curve and saturation change, signal-dependent
+     grain, multiplicative shading; Pillow JPEG with 4:2:0 or 4:4:4 colour, or WebP): does a
+     method tuned under one model of the VAE hold under another?
 The VAE-round-trip reference (`extract_mask(..., reference=)`, what Stage 3 computes as
 vae.decode(vae.encode(good))) is simulated as the same degradation of the defect-free image, drawn
 independently (no JPEG: Stage 3 keeps it in memory). Unchanged controls (same boxes, only the
@@ -34,15 +39,18 @@ ratio to the official method and to a fixed reference operation (a 512x512x3 flo
 blur, sigma 2) timed in the same run.
 
     python -m benchmarks.mask_precision --num 150 --official_num 20
+    python -m benchmarks.mask_precision --num 100 --splits held-out --degradation resample
 """
 
 import argparse
+import io
 import os
 import platform
 import time
 
 import cv2
 import numpy as np
+from PIL import Image
 from skimage import data
 from tqdm import tqdm
 
@@ -219,20 +227,90 @@ def round_trip(rng, f, strength=1.0, clean=None):
     return g + amp * shift, blur(f - clean) * gain
 
 
-def generated_image(rng, painted, normal, box, strength=1.0, jpeg=None, clean=None):
-    """The painted image's round trip, JPEG-compressed at `jpeg` quality (None: not), with the
-    defect-free image pasted back outside the boxes. With `clean`: (image, round_trip's change)."""
-    trip = round_trip(rng, painted, strength, clean)
+def resample_round_trip(rng, f, strength=1.0, clean=None):
+    """The held-out degradation model: a round trip built unlike round_trip, to test whether a method
+    tuned under one model of the VAE holds under another. Softening by resampling (area
+    downscaling by 1.3-2.6x and cubic upscaling, two factors mixed across the image: a decoder
+    drawing from a coarser representation), a tone curve (per-channel gamma 0.93-1.07) and, on
+    colour, a saturation change of up to 8 %; signal-dependent noise (grain 1-2 px); a smooth
+    multiplicative shading of up to 6 %. With `clean`: (round trip, the change f - clean as the
+    softening and tone curve alone leave it; the same draws)."""
+    h, w = f.shape[:2]
+    colour = f.ndim == 3
+    expand = (lambda x: x[..., None]) if colour else (lambda x: x)
+    factors = 1 + strength * np.sort(rng.uniform(0.3, 1.6, 2))
+    mix = expand(smooth_field(rng, h, w))
+    gamma = (1 + strength * rng.uniform(-0.07, 0.07, 3 if colour else 1)).astype(np.float32)
+    saturation = np.float32(1 + strength * rng.uniform(-0.08, 0.08))
+
+    def soften(x):
+        out = []
+        for factor in factors:
+            small = cv2.resize(x, (max(8, round(w / factor)), max(8, round(h / factor))), interpolation=cv2.INTER_AREA)
+            out.append(cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC))
+        return out[0] * (1 - mix) + out[1] * mix
+
+    def tone(x):
+        x = np.clip(x, 0, 255)
+        if colour:
+            grey = x @ np.float32([0.299, 0.587, 0.114])
+            x = np.clip(grey[..., None] + saturation * (x - grey[..., None]), 0, 255)
+        return 255 * (x / 255) ** gamma.reshape((1, 1, 3) if colour else ())
+
+    g = tone(soften(f))
+    grain = cv2.GaussianBlur(rng.standard_normal(g.shape).astype(np.float32), (0, 0), rng.uniform(0.5, 1.0))
+    grain /= grain.std() + 1e-6
+    g = g + grain * strength * (rng.uniform(0.5, 1.5) + rng.uniform(0.05, 0.15) * np.sqrt(g))
+    g = g * (1 + strength * rng.uniform(0.02, 0.06) * expand(smooth_field(rng, h, w) * 2 - 1))
+    if clean is None:
+        return g
+    return g, tone(soften(f)) - tone(soften(clean))
+
+
+# Models of the generator's round trip: "blur" (round_trip) is the one every setting was chosen
+# under; "resample" (resample_round_trip) was never used to choose anything.
+DEGRADATIONS = ("blur", "resample")
+
+
+def draw_compression(rng, degradation):
+    """The compression both images of a pair get: for "blur", OpenCV JPEG at quality 90, 75 or 60,
+    or none (a quarter of the pairs); for "resample", Pillow JPEG at a quality in 55-95 with 4:2:0
+    or 4:4:4 colour, or WebP at 70-95, or none (a quarter each). None: not compressed."""
+    if degradation == "blur":
+        return JPEG_QUALITIES[rng.integers(len(JPEG_QUALITIES))]
+    kind = ("none", "jpeg420", "jpeg444", "webp")[rng.integers(4)]
+    return None if kind == "none" else (kind, int(rng.integers(70, 96) if kind == "webp" else rng.integers(55, 96)))
+
+
+def compress(g, compression):
+    """uint8 image g after draw_compression's `compression`: an OpenCV JPEG quality, or (Pillow
+    format, quality), or None."""
+    if compression is None:
+        return g
+    if not isinstance(compression, tuple):
+        _, buf = cv2.imencode(".jpg", g, [cv2.IMWRITE_JPEG_QUALITY, int(compression)])
+        return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    kind, quality = compression
+    buf = io.BytesIO()
+    if kind == "webp":
+        Image.fromarray(g).save(buf, "WEBP", quality=quality)
+    else:
+        Image.fromarray(g).save(buf, "JPEG", quality=quality, subsampling=2 if kind == "jpeg420" else 0)
+    return np.asarray(Image.open(buf).convert("RGB" if g.ndim == 3 else "L"))
+
+
+def generated_image(rng, painted, normal, box, strength=1.0, jpeg=None, clean=None, degradation="blur"):
+    """The painted image's round trip under the `degradation` model, compressed as `jpeg` says
+    (draw_compression; None: not), with the defect-free image pasted back outside the boxes. With
+    `clean`: (image, the round trip's change)."""
+    trip = (round_trip if degradation == "blur" else resample_round_trip)(rng, painted, strength, clean)
     g, change = trip if clean is not None else (trip, None)
-    g = np.clip(np.round(g), 0, 255).astype(np.uint8)
-    if jpeg:
-        _, buf = cv2.imencode(".jpg", g, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg)])
-        g = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    g = compress(np.clip(np.round(g), 0, 255).astype(np.uint8), jpeg)
     image = np.where(box[..., None] if normal.ndim == 3 else box, g, normal)
     return image if clean is None else (image, change)
 
 
-def make_pair(rng, split, photos, size, strength=1.0):
+def make_pair(rng, split, photos, size, strength=1.0, degradation="blur"):
     """dict: anomaly, normal, reference, control (uint8), box (uint8 0/255), truth, changed,
     blurred_change (the painting's change after the round trip's blur and gain alone, float32), info."""
     while True:
@@ -276,11 +354,12 @@ def make_pair(rng, split, photos, size, strength=1.0):
             continue
         change = np.abs(painted - nf)
         changed = truth & ((change.max(axis=2) if colour else change) >= VISIBLE)
-        jpeg = JPEG_QUALITIES[rng.integers(len(JPEG_QUALITIES))]
-        anomaly, blurred_change = generated_image(rng, painted, normal, box, strength, jpeg, clean=nf)
+        jpeg = draw_compression(rng, degradation)
+        anomaly, blurred_change = generated_image(rng, painted, normal, box, strength, jpeg, clean=nf, degradation=degradation)
         blurred_change = np.abs(blurred_change)
-        control = generated_image(rng, nf, normal, box, strength, jpeg)
-        reference = np.clip(np.round(round_trip(rng, nf, strength)), 0, 255).astype(np.uint8)
+        control = generated_image(rng, nf, normal, box, strength, jpeg, degradation=degradation)
+        trip = round_trip if degradation == "blur" else resample_round_trip
+        reference = np.clip(np.round(trip(rng, nf, strength)), 0, 255).astype(np.uint8)
         info = {"image": name, "kind": kind, "look": look, "shape": shape_kind, "jpeg": jpeg, "visible": float(changed.sum() / truth.sum())}
         return {
             "anomaly": anomaly, "normal": normal, "reference": reference, "control": control, "box": box.astype(np.uint8) * 255,
@@ -441,6 +520,12 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="offset added to both splits' fixed seeds (default: 0)")
     parser.add_argument("--size", type=int, default=512, help="image size in pixels (default: 512)")
     parser.add_argument("--strength", type=float, default=1.0, help="scale of the VAE-like degradation (default: 1.0)")
+    parser.add_argument(
+        "--degradation",
+        default="blur",
+        choices=DEGRADATIONS,
+        help="model of the generator's round trip: blur (the one settings were chosen under) or resample (never used to choose anything) (default: blur)",
+    )
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--official_num", type=int, default=20, help="run the official method (slow: its dense CRF) on the first N pairs of each split (default: 20)")
@@ -457,14 +542,14 @@ def main():
     cv2.setNumThreads(1)  # one core: the time per image is a single-thread figure
 
     photos = {n: photograph(n) for spec in SPLITS.values() for n in spec["colour"] + spec["grey"]}
-    print(f"{args.num} pairs per split at {args.size} px, degradation strength {args.strength}, one thread")
+    print(f"{args.num} pairs per split at {args.size} px, {args.degradation} degradation at strength {args.strength}, one thread")
     results = {}
     for split in args.splits:
         spec = SPLITS[split]
         seed = spec["seed"] + args.seed
         print(f"\n== {split}: seed {seed}; colour {', '.join(spec['colour'])}; grey {', '.join(spec['grey'])}; generated {spec['texture']} textures")
         rng = np.random.default_rng(seed)
-        pairs = [make_pair(rng, split, photos, args.size, args.strength) for _ in tqdm(range(args.num), desc=f"{split} pairs", leave=False)]
+        pairs = [make_pair(rng, split, photos, args.size, args.strength, args.degradation) for _ in tqdm(range(args.num), desc=f"{split} pairs", leave=False)]
         official_num = min(args.official_num, args.num)
         scores, alarms, times = score_split(pairs, args.methods, official_num)
         results[split] = (report(split, pairs, args.methods, scores, alarms, times, official_num), alarms, times)
