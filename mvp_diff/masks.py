@@ -6,8 +6,10 @@ Three methods:
   tolerant to the blur, noise and smooth colour drift a VAE round trip leaves, plus a
   loss-of-local-contrast term and a loss-of-fine-structure (band-pass) term for texture changes
   and blur; hysteresis threshold on absolute
-  levels (an unchanged box gives an empty mask), borders where the score falls off, speck
-  removal, small-hole filling. numpy/OpenCV only; about four times a 512x512 colour Gaussian blur
+  levels (an unchanged box gives an empty mask; a region seeded only on the defect-free image's
+  edges, where a round trip's errors gather, is dropped), borders where the score falls off (for
+  a tint, where its colour change falls to under half its peak), speck removal, small-hole
+  filling. numpy/OpenCV only; about four times a 512x512 colour Gaussian blur
   per 512 px image (benchmarks/results/masks.md).
 - "learned": the default method's terms, at several scales, fed to a tiny per-pixel classifier
   (mask_head.npz, 4 KB, trained by benchmarks/train_mask_head.py on the mask benchmark's tune
@@ -30,7 +32,7 @@ from .errors import UsageError, UserError
 
 MASK_METHODS = ("default", "official", "learned")
 # Bumped whenever a method's masks change for the same inputs: Stage 3 never mixes two versions.
-MASK_METHOD_VERSIONS = {"default": "6", "official": "1", "learned": "4"}
+MASK_METHOD_VERSIONS = {"default": "7", "official": "1", "learned": "4"}
 
 
 def mask_method_version(method):
@@ -158,15 +160,17 @@ def _rgb(arr):
     return arr if arr.ndim == 3 else np.repeat(arr[..., None], 3, axis=2)
 
 
-def _hysteresis(score, low, high):
+def _hysteresis(score, low, high, seeds=None):
     """Bool mask of the 4-connected regions above `low` that reach above `high` (as
-    skimage.filters.apply_hysteresis_threshold, with OpenCV's faster labelling)."""
+    skimage.filters.apply_hysteresis_threshold, with OpenCV's faster labelling). seeds: another
+    score that must reach above `high` instead, at a pixel of the region (default: `score`)."""
+    seeds = score if seeds is None else seeds
     above = score > min(low, high)
     count, labels = cv2.connectedComponents(above.astype(np.uint8), connectivity=4)
     if count <= 1:
         return np.zeros(score.shape, dtype=bool)
     seeded = np.zeros(count, dtype=bool)
-    seeded[labels[score > high]] = True
+    seeded[labels[(seeds > high) & above]] = True
     seeded[0] = False
     return seeded[labels]
 
@@ -296,6 +300,7 @@ def _default(
     low=2.0,
     high=5.0,
     noise_factor=(4.0, 7.0),
+    seed_edge=0.1,
     smooth=0.7,
     chroma_smooth=3.0,
     blur_tolerance=(0.8, 1.2, 1.6),
@@ -312,6 +317,10 @@ def _default(
     min_area=12,
     min_fraction=0.05,
     max_hole=250,
+    tint=0.45,
+    tint_ratio=0.35,
+    tint_window=15,
+    tint_band=5,
 ):
     """Changed pixels inside the box.
 
@@ -333,6 +342,11 @@ def _default(
     low/high: hysteresis thresholds; a region must reach `high` and grows down to `low`. Both are
     raised to noise_factor x the typical score on the box's ring when that is noisier (noise
     estimate capped at 1.5 deltaE, so a defect covering the whole box still shows).
+    seed_edge: a region's seed must reach `high` after subtracting seed_edge x that noise estimate
+    x the defect-free image's lightness gradient there (L units per pixel, largest within 1 px):
+    the round trip's errors (blur, resampling, JPEG ringing) gather on edges and grow with its
+    noise, so a region seeded on edges alone is an artifact. Growth down to `low` is unchanged.
+    Chosen on the tune split (benchmarks/results/masks.md); 0 turns it off.
     smooth: Gaussian sigma (pixels at 512 px; all sizes scale with the image) on images and score.
     chroma_smooth: the colour difference is also taken with the colour (a, b) channels smoothed
     this much, and the smaller one counts: JPEG keeps colour at half resolution and the VAE's
@@ -351,6 +365,15 @@ def _default(
     min_area (pixels at 512 px) and min_fraction (of the largest region): smaller regions are
     removed (the paper drops regions under 0.1 of the largest; 0.05 keeps small spots beside a
     large one). max_hole (pixels at 512 px): holes up to this size are filled (not drawn loops).
+    tint: in a region whose change is mostly colour (its summed |change of L| under `tint_ratio`
+    x its summed colour difference), keep only pixels whose unsmoothed score reaches this fraction
+    of the highest score within `tint_window` pixels (at 512 px): a tint spreads past its border
+    (JPEG and the VAE keep colour at lower resolution) and fades slowly, and its soft rim keeps the
+    local mean low, so the `edge` rule alone leaves it too wide. Only the band of `tint_band`
+    pixels (at 512 px) along the region's outer border is cut: a colour texture scores unevenly
+    inside (cut throughout, a changed texture of colour noise fell from IoU 0.96 to 0.75). Grey
+    images and lightness changes are never touched. Chosen on the tune split
+    (benchmarks/results/masks.md); 0 turns it off.
 
     Over 80 lines because of its signature and this description of each tuned parameter; the body
     is one pass of about 50 lines (score, thresholds, edge trim, clean-up) that reads best whole.
@@ -363,7 +386,8 @@ def _default(
 
     noise = min(_median(score[ring]) if ring.any() else 0.0, 1.5)
     low, high = max(low, noise_factor[0] * noise), max(high, noise_factor[1] * noise)
-    mask = _hysteresis(score, low, high)
+    seeds = score - seed_edge * noise * _edge_strength(parts["normal_lightness"], scale) if seed_edge * noise > 0 else None
+    mask = _hysteresis(score, low, high, seeds)
     if not mask.any():
         return np.zeros(box.shape, dtype=bool)
 
@@ -380,9 +404,40 @@ def _default(
             ref = _blur(score * weight, sigma) / np.maximum(_blur(weight, sigma), 1e-6)
             mask = found & (core | (parts["unsmoothed"] >= np.maximum(low, edge * ref)))
 
+    if tint > 0:
+        mask = _trim_tint(mask, found if edge > 0 else mask, parts, scale, tint, tint_ratio, tint_window, tint_band)
+
     out = np.zeros(box.shape, dtype=bool)
     out[crop] = _tidy(mask, inside, scale, min_area, min_fraction, max_hole)
     return out
+
+
+def _trim_tint(mask, regions, parts, scale, tint, ratio, window, band):
+    """`mask` with the rims of tinted regions cut (see _default's `tint`): in each 8-connected
+    region of `regions` whose summed |change of L| is under `ratio` x its summed colour difference,
+    pixels in the outer `band` (pixels at 512 px) whose unsmoothed score is under `tint` x the
+    highest within `window` are dropped."""
+    count, labels = cv2.connectedComponents(regions.astype(np.uint8), connectivity=8)
+    lightness = np.bincount(labels.ravel(), np.abs(parts["lightness"]).ravel(), minlength=count)
+    colour = np.bincount(labels.ravel(), parts["colour"].ravel(), minlength=count)
+    tinted = lightness < ratio * colour
+    tinted[0] = False
+    if not tinted.any():
+        return mask
+    k = max(3, int(round(window * scale)) | 1)
+    peak = cv2.dilate(np.where(regions, parts["unsmoothed"], 0).astype(np.float32), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    b = 2 * int(round(band * scale)) + 1
+    inner = cv2.erode(_fill_holes(regions).astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (b, b))) > 0
+    return mask & (~tinted[labels] | inner | (parts["unsmoothed"] >= tint * peak))
+
+
+def _edge_strength(lightness, scale):
+    """Gradient magnitude of the defect-free image's CIELAB lightness (L units per pixel, as
+    _change_score smoothed it), the largest within 1 px (at 512 px): where a round trip's errors
+    gather."""
+    strength = cv2.magnitude(cv2.Sobel(lightness, cv2.CV_32F, 1, 0), cv2.Sobel(lightness, cv2.CV_32F, 0, 1)) * np.float32(1 / 8)
+    k = max(3, int(round(3 * scale)) | 1)
+    return cv2.dilate(strength, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
 
 
 def _tidy(mask, inside, scale, min_area, min_fraction, max_hole):
@@ -531,7 +586,7 @@ def _change_score(a, n, inside, ring, scale, smooth, blur_tolerance, contrast, s
         structure_loss = weight * _structure_change(la, ref, sigma * scale, tolerance)
         score = np.maximum(score, structure_loss)
     if parts is not None:
-        parts.update(colour=diff, contrast=texture, structure=structure_loss if weight > 0 else np.zeros_like(diff), lightness=la - ln, unsmoothed=score)
+        parts.update(colour=diff, contrast=texture, structure=structure_loss if weight > 0 else np.zeros_like(diff), lightness=la - ln, unsmoothed=score, normal_lightness=ln)
 
     score = _blur(score, smooth * scale)
     score[~inside] = 0.0

@@ -291,6 +291,54 @@ def test_jpeg_artifacts_alone_give_empty_mask(source):
         assert not extract_mask(anomaly, normal, BOX).any(), quality
 
 
+def photograph_crop(name, size=SIZE):
+    """A square crop of a scikit-image photograph, resized to size x size."""
+    from skimage import data
+
+    full = getattr(data, name)()
+    side = min(full.shape[:2])
+    return cv2.resize(full[:side, :side], (size, size), interpolation=cv2.INTER_AREA)
+
+
+@pytest.mark.parametrize("look", ["none", "darker", "brighter", "tinted", "blurred"])
+def test_round_trip_errors_on_edges_alone_are_not_a_defect(look):
+    """Noise and JPEG ringing gather on a photograph's sharp edges (the coffee photograph: cup rim,
+    spoon, saucer). Regions seeded there alone are the round trip's, not a defect (`seed_edge`);
+    without the rule, 96-167 px of the unchanged box were marked. A defect painted on the same
+    photograph is found as well as without the rule: only seeds move, not borders."""
+    normal = photograph_crop("coffee")
+    truth = disc()
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        painted = normal if look == "none" else paint(normal, truth, look)
+        trip = cv2.GaussianBlur(painted.astype(np.float32), (0, 0), 1.0) + rng.normal(0, 4.0, normal.shape)
+        anomaly = np.where((BOX > 0)[..., None], jpeg(np.clip(np.round(trip), 0, 255).astype(np.uint8), 75), normal)
+        mask, without_rule = extract_mask(anomaly, normal, BOX), extract_mask(anomaly, normal, BOX, seed_edge=0)
+        if look == "none":
+            assert not mask.any() and without_rule.sum() > 50, (seed, without_rule.sum())
+        else:
+            assert iou(mask, truth) > (0.7 if look == "blurred" else 0.8) and iou(mask, truth) >= iou(without_rule, truth) - 0.01, seed
+
+
+@pytest.mark.parametrize("source", ["chelsea", "retina"])
+def test_tint_border_at_half_its_peak(source):
+    """A hue change at the same lightness spreads past its border (JPEG keeps colour at half
+    resolution) and fades slowly: its mask is cut where the colour change falls under `tint` of
+    its peak nearby. Tighter than without that rule (`tint=0`) on a disc and a 6 px line, at JPEG
+    quality 90 and 60."""
+    normal = photograph_crop(source)
+    line = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.line(line, (100, 100), (160, 150), 1, 6)
+    gains = []
+    for truth in (disc(), line > 0):
+        for quality in (90, 60):
+            anomaly = strong_round_trip(paint(normal, truth, "tinted"), 0, 0.7, 2.0, quality)
+            with_rule, without = iou(extract_mask(anomaly, normal, BOX), truth), iou(extract_mask(anomaly, normal, BOX, tint=0), truth)
+            assert with_rule > max(0.7, without), (quality, with_rule, without)
+            gains.append(with_rule - without)
+    assert np.mean(gains) > 0.02, gains
+
+
 def test_jpeg_of_pixel_scale_colour_noise():
     """Independent colour noise per pixel (colour detail a photograph rarely has) survives JPEG at
     quality 90 without a mask; lower qualities erase it, and that is then marked."""
@@ -315,7 +363,7 @@ def test_reference_explains_the_round_trip(colour):
     a defect (without it, a 3 px blur of a texture is), and a painted defect is still found."""
     normal = texture(40, colour)
     alone, blurred_reference = strong_round_trip(normal, 1, 3.0), strong_round_trip(normal, 2, 3.0)
-    assert extract_mask(alone, normal, BOX).sum() > 300  # why the reference is needed
+    assert extract_mask(alone, normal, BOX).sum() > 40  # why the reference is needed (69 / 1198 px marked)
     assert not extract_mask(alone, normal, BOX, reference=blurred_reference).any()
     reference = strong_round_trip(normal, 2, 2.0)
     assert not extract_mask(strong_round_trip(normal, 1, 2.0), normal, BOX, reference=reference).any()
