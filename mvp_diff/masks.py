@@ -8,7 +8,7 @@ Three methods:
   and blur; hysteresis threshold on absolute
   levels (an unchanged box gives an empty mask; a region seeded only on the defect-free image's
   edges, where a round trip's errors gather, is dropped), borders where the score falls off (for
-  a tint, where its colour change falls to under half its peak), speck removal, small-hole
+  a tint, where its colour change falls under 0.45 of its peak), speck removal, small-hole
   filling. numpy/OpenCV only; about four times a 512x512 colour Gaussian blur
   per 512 px image (benchmarks/results/masks.md).
 - "learned": the default method's terms, at several scales, fed to a tiny per-pixel classifier
