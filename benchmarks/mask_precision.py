@@ -257,19 +257,20 @@ def resample_round_trip(rng, f, strength=1.0, clean=None):
             x = np.clip(grey[..., None] + saturation * (x - grey[..., None]), 0, 255)
         return 255 * (x / 255) ** gamma.reshape((1, 1, 3) if colour else ())
 
-    g = tone(soften(f))
-    grain = cv2.GaussianBlur(rng.standard_normal(g.shape).astype(np.float32), (0, 0), rng.uniform(0.5, 1.0))
+    softened = tone(soften(f))
+    grain = cv2.GaussianBlur(rng.standard_normal(softened.shape).astype(np.float32), (0, 0), rng.uniform(0.5, 1.0))
     grain /= grain.std() + 1e-6
-    g = g + grain * strength * (rng.uniform(0.5, 1.5) + rng.uniform(0.05, 0.15) * np.sqrt(g))
+    g = softened + grain * strength * (rng.uniform(0.5, 1.5) + rng.uniform(0.05, 0.15) * np.sqrt(softened))
     g = g * (1 + strength * rng.uniform(0.02, 0.06) * expand(smooth_field(rng, h, w) * 2 - 1))
     if clean is None:
         return g
-    return g, tone(soften(f)) - tone(soften(clean))
+    return g, softened - tone(soften(clean))
 
 
-# Models of the generator's round trip: "blur" (round_trip) is the one every setting was chosen
-# under; "resample" (resample_round_trip) was never used to choose anything.
-DEGRADATIONS = ("blur", "resample")
+# Models of the generator's round trip: "blur" is the one every setting was chosen under;
+# "resample" was never used to choose anything.
+ROUND_TRIPS = {"blur": round_trip, "resample": resample_round_trip}
+DEGRADATIONS = tuple(ROUND_TRIPS)
 
 
 def draw_compression(rng, degradation):
@@ -303,7 +304,7 @@ def generated_image(rng, painted, normal, box, strength=1.0, jpeg=None, clean=No
     """The painted image's round trip under the `degradation` model, compressed as `jpeg` says
     (draw_compression; None: not), with the defect-free image pasted back outside the boxes. With
     `clean`: (image, the round trip's change)."""
-    trip = (round_trip if degradation == "blur" else resample_round_trip)(rng, painted, strength, clean)
+    trip = ROUND_TRIPS[degradation](rng, painted, strength, clean)
     g, change = trip if clean is not None else (trip, None)
     g = compress(np.clip(np.round(g), 0, 255).astype(np.uint8), jpeg)
     image = np.where(box[..., None] if normal.ndim == 3 else box, g, normal)
@@ -358,8 +359,7 @@ def make_pair(rng, split, photos, size, strength=1.0, degradation="blur"):
         anomaly, blurred_change = generated_image(rng, painted, normal, box, strength, jpeg, clean=nf, degradation=degradation)
         blurred_change = np.abs(blurred_change)
         control = generated_image(rng, nf, normal, box, strength, jpeg, degradation=degradation)
-        trip = round_trip if degradation == "blur" else resample_round_trip
-        reference = np.clip(np.round(trip(rng, nf, strength)), 0, 255).astype(np.uint8)
+        reference = np.clip(np.round(ROUND_TRIPS[degradation](rng, nf, strength)), 0, 255).astype(np.uint8)
         info = {"image": name, "kind": kind, "look": look, "shape": shape_kind, "jpeg": jpeg, "visible": float(changed.sum() / truth.sum())}
         return {
             "anomaly": anomaly, "normal": normal, "reference": reference, "control": control, "box": box.astype(np.uint8) * 255,

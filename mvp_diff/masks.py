@@ -170,7 +170,7 @@ def _hysteresis(score, low, high, seeds=None):
     if count <= 1:
         return np.zeros(score.shape, dtype=bool)
     seeded = np.zeros(count, dtype=bool)
-    seeded[labels[(seeds > high) & above]] = True
+    seeded[labels[seeds > high]] = True  # pixels not above `low` have label 0: cleared below
     seeded[0] = False
     return seeded[labels]
 

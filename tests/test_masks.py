@@ -309,10 +309,8 @@ def test_round_trip_errors_on_edges_alone_are_not_a_defect(look):
     normal = photograph_crop("coffee")
     truth = disc()
     for seed in range(4):
-        rng = np.random.default_rng(seed)
         painted = normal if look == "none" else paint(normal, truth, look)
-        trip = cv2.GaussianBlur(painted.astype(np.float32), (0, 0), 1.0) + rng.normal(0, 4.0, normal.shape)
-        anomaly = np.where((BOX > 0)[..., None], jpeg(np.clip(np.round(trip), 0, 255).astype(np.uint8), 75), normal)
+        anomaly = strong_round_trip(painted, seed, 1.0, noise=4.0, quality=75)
         mask, without_rule = extract_mask(anomaly, normal, BOX), extract_mask(anomaly, normal, BOX, seed_edge=0)
         if look == "none":
             assert not mask.any() and without_rule.sum() > 50, (seed, without_rule.sum())
@@ -451,9 +449,7 @@ def test_contrast_lost_to_the_round_trips_blur_alone_is_not_a_defect(sigma):
     """A fine texture blurred by the round trip alone: the contrast term compares with the defect-free
     image blurred as the ring shows, so nothing is marked (compared unblurred, 400-1900 of the
     box's pixels were); a smoothed-out disc and a darker one on it are still found."""
-    from skimage import data
-
-    brick = cv2.resize(data.brick(), (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+    brick = photograph_crop("brick")
     for seed in range(2):
         assert not extract_mask(strong_round_trip(brick, seed, sigma, noise=1.5), brick, BOX).any()
     truth = disc(r=22)
