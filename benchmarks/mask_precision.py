@@ -22,6 +22,10 @@ never used to choose anything; its figures are the headline). Each pair:
      area downscaling and cubic upscaling, a tone curve and saturation change, signal-dependent
      grain, multiplicative shading; Pillow JPEG with 4:2:0 or 4:4:4 colour, or WebP): does a
      method tuned under one model of the VAE hold under another?
+With --resolution the pairs are made at the generator's size and enlarged (PIL bicubic) into the
+boxes of the full-size original, as Stage 3 meets them on MVTec AD's 700-1024 px images; masks are
+then measured as Stage 3 measures them, at the generator's size and resized (--measure_at image:
+at the original's size, as the previous version did).
 The VAE-round-trip reference (`extract_mask(..., reference=)`, what Stage 3 computes as
 vae.decode(vae.encode(good))) is simulated as the same degradation of the defect-free image, drawn
 independently (no JPEG: Stage 3 keeps it in memory). Unchanged controls (same boxes, only the
@@ -40,6 +44,7 @@ blur, sigma 2) timed in the same run.
 
     python -m benchmarks.mask_precision --num 150 --official_num 20
     python -m benchmarks.mask_precision --num 100 --splits held-out --degradation resample
+    python -m benchmarks.mask_precision --num 60 --splits held-out --size 1024 --resolution 512
 """
 
 import argparse
@@ -54,7 +59,7 @@ from PIL import Image
 from skimage import data
 from tqdm import tqdm
 
-from mvp_diff.masks import extract_mask
+from mvp_diff.masks import extract_mask, resize_mask
 
 # Fixed splits. The tune photographs are those earlier settings were chosen on; the held-out ones,
 # the generated "weave" family and the held-out seed were never used to choose anything.
@@ -311,17 +316,20 @@ def generated_image(rng, painted, normal, box, strength=1.0, jpeg=None, clean=No
     return image if clean is None else (image, change)
 
 
-def make_pair(rng, split, photos, size, strength=1.0, degradation="blur"):
+def make_pair(rng, split, photos, size, strength=1.0, degradation="blur", resolution=None):
     """dict: anomaly, normal, reference, control (uint8), box (uint8 0/255), truth, changed,
-    blurred_change (the painting's change after the round trip's blur and gain alone, float32), info."""
+    blurred_change (the painting's change after the round trip's blur and gain alone, float32), info.
+    resolution: the generator's size, when it is not `size` (see at_image_size)."""
+    work = resolution or size
     while True:
-        normal, name, kind = source_image(rng, split, photos, size)
+        native, name, kind = source_image(rng, split, photos, size)
+        normal = native if work == size else np.asarray(Image.fromarray(native).resize((work, work), Image.Resampling.LANCZOS))
         colour = normal.ndim == 3
         looks = LOOKS if colour else tuple(x for x in LOOKS if x != "tinted")
         look = looks[rng.integers(len(looks))]
-        other = source_image(rng, split, photos, size)[0] if look == "texture" else None
+        other = source_image(rng, split, photos, work)[0] if look == "texture" else None
         if other is not None:
-            other = np.roll(other, tuple(int(v) for v in rng.integers(0, size // 2, 2)), axis=(0, 1))
+            other = np.roll(other, tuple(int(v) for v in rng.integers(0, work // 2, 2)), axis=(0, 1))
         shape_kind = SHAPES[rng.integers(len(SHAPES))]
         box = np.zeros(normal.shape[:2], bool)
         truth = np.zeros(normal.shape[:2], bool)
@@ -330,8 +338,8 @@ def make_pair(rng, split, photos, size, strength=1.0, degradation="blur"):
         ok = True
         for _ in range(1 if rng.random() < 0.75 else 2):
             for _try in range(50):
-                bh, bw = (int(v) for v in rng.integers(size * 0.08, size * 0.4, 2))
-                y, x = int(rng.integers(0, size - bh)), int(rng.integers(0, size - bw))
+                bh, bw = (int(v) for v in rng.integers(work * 0.08, work * 0.4, 2))
+                y, x = int(rng.integers(0, work - bh)), int(rng.integers(0, work - bw))
                 if box[max(0, y - 8) : y + bh + 8, max(0, x - 8) : x + bw + 8].any():
                     continue
                 shape = np.zeros_like(truth)
@@ -361,10 +369,33 @@ def make_pair(rng, split, photos, size, strength=1.0, degradation="blur"):
         control = generated_image(rng, nf, normal, box, strength, jpeg, degradation=degradation)
         reference = np.clip(np.round(ROUND_TRIPS[degradation](rng, nf, strength)), 0, 255).astype(np.uint8)
         info = {"image": name, "kind": kind, "look": look, "shape": shape_kind, "jpeg": jpeg, "visible": float(changed.sum() / truth.sum())}
-        return {
+        pair = {
             "anomaly": anomaly, "normal": normal, "reference": reference, "control": control, "box": box.astype(np.uint8) * 255,
             "truth": truth, "changed": changed, "blurred_change": blurred_change.max(axis=2) if colour else blurred_change, "info": info,
         }
+        return pair if work == size else at_image_size(pair, native)
+
+
+def at_image_size(pair, native):
+    """The pair as Stage 3 hands it to extract_mask when the generator works at another size than
+    the image's (MVTec AD's 700-1024 px images, generated at --resolution 512): the defect-free image
+    is the original `native`; the generated image (and the reference) are resized back with PIL's
+    bicubic and pasted into the boxes, as mvp_diff/synthesis/model.py's paste_back does; the boxes
+    and truths are resized to the image (nearest for the boxes, bilinear at half for the truths).
+    "generated": the pair at the generator's size, where Stage 3 measures its masks (predict)."""
+    size = native.shape[1], native.shape[0]
+    box = cv2.resize(pair["box"], size, interpolation=cv2.INTER_NEAREST) > 0
+    inside = box[..., None] if native.ndim == 3 else box
+
+    def pasted(image):
+        return np.where(inside, np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC)), native)
+
+    return {
+        "anomaly": pasted(pair["anomaly"]), "normal": native, "reference": pasted(pair["reference"]), "control": pasted(pair["control"]),
+        "box": box.astype(np.uint8) * 255, "truth": resize_mask(pair["truth"], box.shape) & box, "changed": resize_mask(pair["changed"], box.shape) & box,
+        "blurred_change": cv2.resize(pair["blurred_change"], size, interpolation=cv2.INTER_LINEAR), "info": {**pair["info"], "resolution": pair["box"].shape[0]},
+        "generated": pair,
+    }
 
 
 def iou(pred, truth):
@@ -386,33 +417,42 @@ def ceiling_mask(pair, image):
     return max(masks, key=lambda m: iou(m, pair["truth"]))
 
 
-def predict(method, pair, image):
+def predict(method, pair, image, at_image_size=False):
+    """`method`'s mask of `image` (the pair's anomaly or control). A pair generated at another size
+    (make_pair's `resolution`) is measured as Stage 3 measures it (mvp_diff/synthesis/model.py's
+    precise_mask): at the generator's size, the mask then resized to the image; or, with
+    `at_image_size`, on the images at their own size."""
     box = pair["box"]
     if method == "box":
         return box > 0
     if method == "ceiling":
         return ceiling_mask(pair, image)
     name, _, ref = method.partition("+")
-    return extract_mask(image, pair["normal"], box, method=name, reference=pair["reference"] if ref else None)
+    small = pair.get("generated")
+    if small is None or at_image_size:
+        return extract_mask(image, pair["normal"], box, method=name, reference=pair["reference"] if ref else None)
+    image = small["anomaly"] if image is pair["anomaly"] else small["control"]
+    mask = extract_mask(image, small["normal"], small["box"], method=name, reference=small["reference"] if ref else None)
+    return resize_mask(mask, box.shape) & (box > 0)
 
 
-def score_split(pairs, methods, official_num):
+def score_split(pairs, methods, official_num, at_image_size=False):
     """per method: {pair index: (IoU painted, IoU changed)}, false-alarm shares, seconds per image."""
     scores, alarms, times = {m: {} for m in methods}, {m: [] for m in methods}, {m: [] for m in [*methods, "yardstick"]}
     for m in methods:  # warm-up: imports and first-call set-up are not per-image costs
-        predict(m, pairs[0], pairs[0]["anomaly"])
+        predict(m, pairs[0], pairs[0]["anomaly"], at_image_size)
     for k, pair in enumerate(tqdm(pairs, desc="masks", leave=False)):
         for m in methods:
             if m == "official" and k >= official_num:
                 continue
             t0 = time.perf_counter()
-            pred = predict(m, pair, pair["anomaly"])
+            pred = predict(m, pair, pair["anomaly"], at_image_size)
             times[m].append(time.perf_counter() - t0)
             truth = pair["truth"]
             hit = (pred & truth).sum()
             precision, recall = (hit / pred.sum() if pred.any() else 1.0), hit / truth.sum()
             scores[m][k] = (iou(pred, truth), iou(pred, pair["changed"]), float(precision), float(recall))
-            false = predict(m, pair, pair["control"])
+            false = predict(m, pair, pair["control"], at_image_size)
             alarms[m].append(false.sum() / (pair["box"] > 0).sum())
         times["yardstick"].append(yardstick_seconds(pair["anomaly"].shape[0]))
     return scores, alarms, times
@@ -519,6 +559,18 @@ def main():
     parser.add_argument("--num", type=int, default=150, help="pairs per split (default: 150)")
     parser.add_argument("--seed", type=int, default=0, help="offset added to both splits' fixed seeds (default: 0)")
     parser.add_argument("--size", type=int, default=512, help="image size in pixels (default: 512)")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="the generator's size: pairs are painted and round-tripped at it, then resized back to --size and pasted into the boxes, as Stage 3 does with MVTec AD's larger images (default: --size, no resizing)",
+    )
+    parser.add_argument(
+        "--measure_at",
+        default="resolution",
+        choices=("resolution", "image"),
+        help="with --resolution: measure masks at the generator's size and resize them to the image, as Stage 3 does, or on the images at their own size (default: resolution)",
+    )
     parser.add_argument("--strength", type=float, default=1.0, help="scale of the VAE-like degradation (default: 1.0)")
     parser.add_argument(
         "--degradation",
@@ -537,21 +589,24 @@ def main():
     args = parser.parse_args()
     if args.num < 1:
         parser.error("--num must be at least 1")
-    if args.official_num < 1:
-        parser.error("--official_num must be at least 1")
+    if args.resolution is not None and not 64 <= args.resolution <= args.size:
+        parser.error(f"--resolution must be between 64 and --size ({args.size}); the generator works at or below the image size")
+    if args.official_num < 1 and "official" in args.methods:
+        parser.error("--official_num must be at least 1 while --methods includes official; leave official out to skip it")
     cv2.setNumThreads(1)  # one core: the time per image is a single-thread figure
 
     photos = {n: photograph(n) for spec in SPLITS.values() for n in spec["colour"] + spec["grey"]}
-    print(f"{args.num} pairs per split at {args.size} px, {args.degradation} degradation at strength {args.strength}, one thread")
+    generated = f", generated at {args.resolution} px and resized back, masks measured at the {args.measure_at}'s size" if args.resolution and args.resolution != args.size else ""
+    print(f"{args.num} pairs per split at {args.size} px{generated}, {args.degradation} degradation at strength {args.strength}, one thread")
     results = {}
     for split in args.splits:
         spec = SPLITS[split]
         seed = spec["seed"] + args.seed
         print(f"\n== {split}: seed {seed}; colour {', '.join(spec['colour'])}; grey {', '.join(spec['grey'])}; generated {spec['texture']} textures")
         rng = np.random.default_rng(seed)
-        pairs = [make_pair(rng, split, photos, args.size, args.strength, args.degradation) for _ in tqdm(range(args.num), desc=f"{split} pairs", leave=False)]
+        pairs = [make_pair(rng, split, photos, args.size, args.strength, args.degradation, args.resolution) for _ in tqdm(range(args.num), desc=f"{split} pairs", leave=False)]
         official_num = min(args.official_num, args.num)
-        scores, alarms, times = score_split(pairs, args.methods, official_num)
+        scores, alarms, times = score_split(pairs, args.methods, official_num, args.measure_at == "image")
         results[split] = (report(split, pairs, args.methods, scores, alarms, times, official_num), alarms, times)
 
     headline = "held-out" if "held-out" in results else args.splits[0]

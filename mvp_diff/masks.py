@@ -74,6 +74,12 @@ def extract_mask(anomaly, normal, box, method="default", reference=None, **optio
     return mask & box
 
 
+def resize_mask(mask, shape):
+    """Bool mask `mask` resized to `shape` (h, w): bilinear, kept where at least half covered (a
+    mask measured where the generator worked, on the image at the original size)."""
+    return cv2.resize(mask.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR) >= 0.5
+
+
 def each_box(box):
     """The boxes of a non-empty bool box mask (its 8-connected regions), one image-sized bool mask
     each. The default and learned methods measure every box on its own: its own ring gives the

@@ -425,6 +425,38 @@ def test_stage3_reference_is_the_vae_round_trip(tiny_checkpoint):
     assert np.abs(again[0].astype(int) - trips[1]).max() <= 1
 
 
+@pytest.mark.parametrize("colour", [True, False])
+def test_stage3_measures_the_mask_where_the_generator_worked(colour):
+    """Stage 3 measures between the generator's output and its own input (the original resized as
+    in training) and resizes the mask to the original: on a 512 px original generated at 256 the
+    defect is found and an unchanged box stays empty; grey originals are compared in grey; when the
+    pipeline works at the image's size, the mask is the one measured on the pasted-back image."""
+    from PIL import Image
+
+    from mvp_diff.synthesis import Settings, paste_back, pipeline_inputs, precise_mask
+
+    settings = Settings(checkpoint="ckpt", lora=None, extract_mask=True)
+    good = cv2.resize(texture(60, colour), (512, 512), interpolation=cv2.INTER_CUBIC)
+    box = box_of(180, 160, 340, 330, 512) > 0
+    image, small_box = (np.asarray(x) for x in pipeline_inputs(good, box, (256, 256)))
+    painted = paint(image, disc(size=256), "darker")
+    generated, unchanged = (vae_like(x, 61, small_box.astype(np.uint8) * 255) for x in (painted, image))
+    mask = precise_mask(good, box, generated, settings)
+    assert mask.shape == box.shape and not (mask & ~box).any()
+    truth = cv2.resize(disc(size=256).astype(np.uint8), (512, 512), interpolation=cv2.INTER_NEAREST) > 0
+    assert iou(mask, truth) > 0.85
+    assert not precise_mask(good, box, unchanged, settings).any()
+    if not colour:  # a brightness change stays visible in the generated colours' luma
+        assert np.array_equal(mask, precise_mask(good, box, np.asarray(Image.fromarray(generated).convert("L").convert("RGB")), settings))
+
+    good_same = texture(62, colour)
+    generated_same = vae_like(paint(good_same, disc(), "brighter"), 63)
+    if not colour:  # the pipeline gives RGB
+        generated_same = np.repeat(generated_same[..., None], 3, axis=2)
+    expected = extract_mask(paste_back(generated_same, good_same, BOX > 0), good_same, BOX)
+    assert expected.any() and np.array_equal(precise_mask(good_same, BOX > 0, generated_same, settings), expected)
+
+
 def test_structure_term_sees_lost_texture_not_mild_blur_or_brightness_edges():
     """The band-pass structure term: texture blurred away scores, a blur the round trip can explain
     does not, and a brightness step (no texture lost) scores nothing away from its edge."""
@@ -508,7 +540,7 @@ def test_stage3_settings_name_the_mask_method_version(tmp_path):
     from mvp_diff.synthesis import SAMPLES_DIR, SETTINGS_FILE, SampleStore, Settings
 
     settings = Settings(checkpoint="ckpt", lora=None, extract_mask=True)
-    assert settings.fingerprint()["mask_version"] == f"default {MASK_METHOD_VERSIONS['default']}"
+    assert settings.fingerprint()["mask_version"] == f"default {MASK_METHOD_VERSIONS['default']}, at the pipeline size"
     assert mask_method_version("learned").startswith(f"learned {MASK_METHOD_VERSIONS['learned']}-")
     SampleStore(tmp_path).prepare(settings)
     path = tmp_path / SAMPLES_DIR / SETTINGS_FILE
@@ -573,6 +605,26 @@ def test_benchmark_ceiling_thresholds_the_clean_change(degradation):
         near = cv2.dilate(p["truth"].astype(np.uint8), np.ones((15, 15), np.uint8)) > 0
         assert p["blurred_change"][~near].max() < 1.0
         assert not np.array_equal(p["control"], p["normal"])  # the round trip changed the box
+
+
+def test_benchmark_pairs_generated_at_another_size_are_measured_as_stage3_measures_them():
+    """--resolution: pairs painted and round-tripped at the generator's size, resized back into the
+    boxes of the full-size original; without it the pairs are the same as before (same draws)."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.mask_precision import SPLITS, iou, make_pair, photograph, predict
+
+    photos = {n: photograph(n) for spec in SPLITS.values() for n in spec["colour"] + spec["grey"]}
+    plain = [make_pair(np.random.default_rng(8), "tune", photos, 192, resolution=r) for r in (None, 192)]
+    assert all(np.array_equal(plain[0][k], plain[1][k]) for k in ("anomaly", "normal", "box", "truth")) and "generated" not in plain[1]
+    rng = np.random.default_rng(9)
+    for pair in (make_pair(rng, "tune", photos, 192, resolution=96) for _ in range(3)):
+        small, box = pair["generated"], pair["box"] > 0
+        assert pair["anomaly"].shape[:2] == pair["reference"].shape[:2] == box.shape == (192, 192) and small["box"].shape == (96, 96)
+        assert np.array_equal(pair["anomaly"][~box], pair["normal"][~box]) and not (pair["truth"] & ~box).any()
+        assert abs(int(pair["truth"].sum()) - 4 * int(small["truth"].sum())) <= 0.25 * 4 * small["truth"].sum() + 20
+        at_resolution, at_image = predict("default", pair, pair["anomaly"]), predict("default", pair, pair["anomaly"], at_image_size=True)
+        assert at_resolution.shape == box.shape and not (at_resolution & ~box).any()
+        assert iou(at_resolution, pair["truth"]) > 0.3 and iou(at_image, pair["truth"]) > 0.3, pair["info"]
 
 
 def test_benchmark_compressions_keep_size_and_channels():

@@ -14,6 +14,9 @@ from ..files import image_size, read_image, read_jsonl_numbered, read_mask
 from ..random_boxes import boxes_path
 
 # Settings that change what a sample looks like; a folder never mixes two of them.
+# Where Stage 3 measures its masks (precise_mask); part of the mask version: masks measured at the
+# original size before it are not mixed with these.
+MASK_MEASURED_AT = "at the pipeline size"
 SETTING_KEYS = ("checkpoint", "lora", "lora_sha256", "lora_scale", "num_inference_steps", "guidance_scale", "strength", "resolution", "seeds", "extract_mask", "mask_method", "mask_version")
 
 
@@ -34,10 +37,10 @@ class Settings:
     skip_empty: bool = False
 
     @property
-    def mask_version(self):  # a changed mask method is a changed setting
+    def mask_version(self):  # a changed mask method, or where it measures, is a changed setting
         from ..masks import mask_method_version
 
-        return mask_method_version(self.mask_method) if self.extract_mask else None
+        return f"{mask_method_version(self.mask_method)}, {MASK_MEASURED_AT}" if self.extract_mask else None
 
     def fingerprint(self):
         return {k: getattr(self, k) for k in SETTING_KEYS}

@@ -52,9 +52,9 @@ def batches(samples, batch_size, resolution):
 
 def finish_sample(store: SampleStore, sample: PlannedSample, good, box, generated, settings: Settings, classname, reference=None):
     """Everything after the pipeline call: paste-back, precise mask, the sample's files and entry.
-    `reference`: the defect-free image's VAE round trip (see vae_round_trips), or None."""
+    `reference`: the pipeline input's VAE round trip (see vae_round_trips), or None."""
     image = paste_back(generated, good, box)
-    mask = precise_mask(image, good, box, settings, None if reference is None else paste_back(reference, good, box))
+    mask = precise_mask(good, box, generated, settings, reference)
     return store.write_sample(sample, image, mask, box, settings, classname)
 
 
