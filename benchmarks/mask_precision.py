@@ -25,7 +25,9 @@ never used to choose anything; its figures are the headline). Each pair:
 With --resolution the pairs are made at the generator's size and enlarged (PIL bicubic) into the
 boxes of the full-size original, as Stage 3 meets them on MVTec AD's 700-1024 px images; masks are
 then measured as Stage 3 measures them, at the generator's size and resized (--measure_at image:
-at the original's size, as the previous version did).
+at the original's size, as the previous version did). Pairs made at their own size are measured as
+the generator's own output (extract_mask's at_generator_size): at --size over 512 the methods'
+sizes stay at their 512 px values, as the round trip's blur and noise do.
 The VAE-round-trip reference (`extract_mask(..., reference=)`, what Stage 3 computes as
 vae.decode(vae.encode(good))) is simulated as the same degradation of the defect-free image, drawn
 independently (no JPEG: Stage 3 keeps it in memory). Unchanged controls (same boxes, only the
@@ -417,11 +419,17 @@ def ceiling_mask(pair, image):
     return max(masks, key=lambda m: iou(m, pair["truth"]))
 
 
-def predict(method, pair, image, at_image_size=False):
-    """`method`'s mask of `image` (the pair's anomaly or control). A pair generated at another size
-    (make_pair's `resolution`) is measured as Stage 3 measures it (mvp_diff/synthesis/model.py's
-    precise_mask): at the generator's size, the mask then resized to the image; or, with
-    `at_image_size`, on the images at their own size."""
+MEASURE_AT = ("resolution", "image", "image-as-generated")
+
+
+def predict(method, pair, image, measure_at="resolution"):
+    """`method`'s mask of `image` (the pair's anomaly or control), as extract_mask measures the
+    generator's own output (at_generator_size) unless told the images were enlarged since. A pair
+    generated at another size (make_pair's `resolution`) is measured, by `measure_at`: "resolution"
+    as Stage 3 measures it (mvp_diff/synthesis/model.py's precise_mask), at the generator's size,
+    the mask then resized to the image; "image" on the enlarged images, as such; "image-as-generated"
+    on the enlarged images taken for the generator's own output (what not to do: it shows why
+    extract_mask needs to know)."""
     box = pair["box"]
     if method == "box":
         return box > 0
@@ -429,30 +437,30 @@ def predict(method, pair, image, at_image_size=False):
         return ceiling_mask(pair, image)
     name, _, ref = method.partition("+")
     small = pair.get("generated")
-    if small is None or at_image_size:
-        return extract_mask(image, pair["normal"], box, method=name, reference=pair["reference"] if ref else None)
+    if small is None or measure_at != "resolution":
+        return extract_mask(image, pair["normal"], box, method=name, reference=pair["reference"] if ref else None, at_generator_size=small is None or measure_at == "image-as-generated")
     image = small["anomaly"] if image is pair["anomaly"] else small["control"]
-    mask = extract_mask(image, small["normal"], small["box"], method=name, reference=small["reference"] if ref else None)
+    mask = extract_mask(image, small["normal"], small["box"], method=name, reference=small["reference"] if ref else None, at_generator_size=True)
     return resize_mask(mask, box.shape) & (box > 0)
 
 
-def score_split(pairs, methods, official_num, at_image_size=False):
+def score_split(pairs, methods, official_num, measure_at="resolution"):
     """per method: {pair index: (IoU painted, IoU changed)}, false-alarm shares, seconds per image."""
     scores, alarms, times = {m: {} for m in methods}, {m: [] for m in methods}, {m: [] for m in [*methods, "yardstick"]}
     for m in methods:  # warm-up: imports and first-call set-up are not per-image costs
-        predict(m, pairs[0], pairs[0]["anomaly"], at_image_size)
+        predict(m, pairs[0], pairs[0]["anomaly"], measure_at)
     for k, pair in enumerate(tqdm(pairs, desc="masks", leave=False)):
         for m in methods:
             if m == "official" and k >= official_num:
                 continue
             t0 = time.perf_counter()
-            pred = predict(m, pair, pair["anomaly"], at_image_size)
+            pred = predict(m, pair, pair["anomaly"], measure_at)
             times[m].append(time.perf_counter() - t0)
             truth = pair["truth"]
             hit = (pred & truth).sum()
             precision, recall = (hit / pred.sum() if pred.any() else 1.0), hit / truth.sum()
             scores[m][k] = (iou(pred, truth), iou(pred, pair["changed"]), float(precision), float(recall))
-            false = predict(m, pair, pair["control"], at_image_size)
+            false = predict(m, pair, pair["control"], measure_at)
             alarms[m].append(false.sum() / (pair["box"] > 0).sum())
         times["yardstick"].append(yardstick_seconds(pair["anomaly"].shape[0]))
     return scores, alarms, times
@@ -568,8 +576,8 @@ def main():
     parser.add_argument(
         "--measure_at",
         default="resolution",
-        choices=("resolution", "image"),
-        help="with --resolution: measure masks at the generator's size and resize them to the image, as Stage 3 does, or on the images at their own size (default: resolution)",
+        choices=MEASURE_AT,
+        help="with --resolution: measure masks at the generator's size and resize them to the image, as Stage 3 does; or on the enlarged images, as such (image) or taken for the generator's own output (image-as-generated) (default: resolution)",
     )
     parser.add_argument("--strength", type=float, default=1.0, help="scale of the VAE-like degradation (default: 1.0)")
     parser.add_argument(
@@ -606,7 +614,7 @@ def main():
         rng = np.random.default_rng(seed)
         pairs = [make_pair(rng, split, photos, args.size, args.strength, args.degradation, args.resolution) for _ in tqdm(range(args.num), desc=f"{split} pairs", leave=False)]
         official_num = min(args.official_num, args.num)
-        scores, alarms, times = score_split(pairs, args.methods, official_num, args.measure_at == "image")
+        scores, alarms, times = score_split(pairs, args.methods, official_num, args.measure_at)
         results[split] = (report(split, pairs, args.methods, scores, alarms, times, official_num), alarms, times)
 
     headline = "held-out" if "held-out" in results else args.splits[0]

@@ -43,7 +43,7 @@ def mask_method_version(method):
     return f"{method} {version}"
 
 
-def extract_mask(anomaly, normal, box, method="default", reference=None, **options) -> np.ndarray:
+def extract_mask(anomaly, normal, box, method="default", reference=None, at_generator_size=False, **options) -> np.ndarray:
     """Bool HxW mask of the defect: pixels inside `box` where `anomaly` differs from `normal`.
 
     anomaly, normal: uint8 HxWx3 (RGB) or HxW (grey) arrays of the same size; box: HxW mask, nonzero
@@ -52,8 +52,13 @@ def extract_mask(anomaly, normal, box, method="default", reference=None, **optio
     VAE round trip (`vae.decode(vae.encode(normal))`, same size): inside the box the generated
     pixels come from the VAE decoder, so what the round trip alone explains is not a defect. The
     default method takes a pixel as changed only when neither image explains it; the official
-    method compares with the reference instead of `normal`. `options` are the chosen method's
-    keyword arguments. The default and learned methods measure each box (8-connected region of
+    method compares with the reference instead of `normal`. at_generator_size: the images are the
+    generator's output at the size it made them, not enlarged since (Stage 3 measures there): a VAE
+    round trip's blur and noise then keep their size in pixels however large the image, and the
+    sizes of the default and learned methods stop growing at 512 px. False (the default): they grow
+    with images over 512 px, as on an image enlarged from a 512 px generation, where capping them
+    marked 11 of 40 unchanged boxes (benchmarks/results/masks.md). `options` are the chosen
+    method's keyword arguments. The default and learned methods measure each box (8-connected region of
     `box`) on its own (each_box); the official method, the paper's, the whole image at once.
     """
     if method not in _METHODS:
@@ -68,9 +73,10 @@ def extract_mask(anomaly, normal, box, method="default", reference=None, **optio
         return np.zeros(box.shape, dtype=bool)
     if method == "official":  # the paper's algorithm normalises over the whole image
         return func(anomaly, normal, box, reference=reference, **options) & box
+    scale = _size_scale(box.shape, at_generator_size)
     mask = np.zeros(box.shape, dtype=bool)
     for one in each_box(box):
-        mask |= func(anomaly, normal, one, reference=reference, **options)
+        mask |= func(anomaly, normal, one, reference=reference, scale=scale, **options)
     return mask & box
 
 
@@ -101,7 +107,7 @@ def each_box(box):
 @functools.cache
 def _method_options(method):
     """The keyword options a mask method takes (its parameters after the images)."""
-    return [p for p in inspect.signature(_METHODS[method]).parameters if p not in ("anomaly", "normal", "box", "reference")]
+    return [p for p in inspect.signature(_METHODS[method]).parameters if p not in ("anomaly", "normal", "box", "reference", "scale")]
 
 
 def prepare_inputs(anomaly, normal, box, reference=None):
@@ -303,6 +309,7 @@ def _default(
     normal,
     box,
     reference=None,
+    scale=None,
     low=2.0,
     high=5.0,
     noise_factor=(4.0, 7.0),
@@ -385,7 +392,7 @@ def _default(
     is one pass of about 50 lines (score, thresholds, edge trim, clean-up) that reads best whole.
     """
     parts = {}  # the score before its final smoothing places the border
-    crop, inside, ring, scale, score = _box_crop_for(anomaly, normal, reference, box, parts)
+    crop, inside, ring, scale, score = _box_crop_for(anomaly, normal, reference, box, parts, scale)
     settings = _score_settings(scale, smooth, chroma_smooth, blur_tolerance, contrast_weight, contrast_tolerance, contrast_blur, ring_explained, structure_weight, structure_sigma, structure_tolerance, max_bias)
     if score is None or settings != _default_settings(scale):
         score = _unexplained_score(anomaly[crop], normal[crop], None if reference is None else reference[crop], inside, ring, settings, parts)
@@ -464,9 +471,11 @@ def _bounds(mask):
     return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
-def _size_scale(shape):
-    """Sizes are given for 512 px images: the factor for an image of this shape."""
-    return max(0.5, max(shape[:2]) / 512.0)
+def _size_scale(shape, at_generator_size=False):
+    """Sizes are given for 512 px images: the factor for an image of this shape (at most 1 for the
+    generator's own output, see extract_mask)."""
+    scale = max(0.5, max(shape[:2]) / 512.0)
+    return min(scale, 1.0) if at_generator_size else scale
 
 
 # On an image under 448 px the sizes shrink with the image only while the box's ring is quiet. A
@@ -480,11 +489,11 @@ NOISY_SCALE = 0.875
 NOISY_RING = 2.5
 
 
-def _box_crop_for(anomaly, normal, reference, box, parts=None):
-    """(*_box_crop(box), score): the size scale kept at NOISY_SCALE on a small image whose ring is
-    noisy. score: the change score with the default settings at the returned scale when the check
-    computed it (its terms in `parts`), else None."""
-    crop, inside, ring, scale = _box_crop(box)
+def _box_crop_for(anomaly, normal, reference, box, parts=None, scale=None):
+    """(*_box_crop(box, scale), score): the size scale kept at NOISY_SCALE on a small image whose
+    ring is noisy. score: the change score with the default settings at the returned scale when the
+    check computed it (its terms in `parts`), else None."""
+    crop, inside, ring, scale = _box_crop(box, scale)
     if scale >= NOISY_SCALE or not ring.any():
         return crop, inside, ring, scale, None
     score = _unexplained_score(anomaly[crop], normal[crop], None if reference is None else reference[crop], inside, ring, _default_settings(scale), parts)
@@ -630,12 +639,13 @@ FEATURES = (
 )
 
 
-def mask_features(anomaly, normal, box, reference=None):
+def mask_features(anomaly, normal, box, reference=None, scale=None):
     """(features N x len(FEATURES) float32, crop slices, box inside the crop, size scale) for the N
     pixels inside the box, in the crop's row-major order. Inputs as `extract_mask` checks them; one
-    box (as each_box gives them: the drift is fitted on its ring as one box)."""
+    box (as each_box gives them: the drift is fitted on its ring as one box). scale: as
+    extract_mask gives it (None: the image's own)."""
     parts = {}
-    crop, inside, ring, scale, score = _box_crop_for(anomaly, normal, reference, box, parts)
+    crop, inside, ring, scale, score = _box_crop_for(anomaly, normal, reference, box, parts, scale)
     if score is None:
         score = _unexplained_score(anomaly[crop], normal[crop], None if reference is None else reference[crop], inside, ring, _default_settings(scale), parts)
     noise = _median(score[ring]) if ring.any() else 0.0
@@ -711,7 +721,7 @@ def mask_head_probability(features, head):
     return 1.0 / (1.0 + np.exp(-np.clip(logit[:, 0], -30, 30)))
 
 
-def _learned(anomaly, normal, box, reference=None, low=None, high=None, min_area=12, min_fraction=0.05, max_hole=250, weights=None):
+def _learned(anomaly, normal, box, reference=None, scale=None, low=None, high=None, min_area=12, min_fraction=0.05, max_hole=250, weights=None):
     """Changed pixels inside the box by a per-pixel classifier (mvp_diff/mask_head.npz, trained by
     benchmarks/train_mask_head.py on generated pairs of the benchmark's tune split only) over the
     default method's terms at several scales (FEATURES). low/high: hysteresis thresholds on its
@@ -719,7 +729,7 @@ def _learned(anomaly, normal, box, reference=None, low=None, high=None, min_area
     head = load_mask_head(weights or MASK_HEAD)
     low = float(head["low"]) if low is None else low
     high = float(head["high"]) if high is None else high
-    features, crop, inside, scale = mask_features(anomaly, normal, box, reference)
+    features, crop, inside, scale = mask_features(anomaly, normal, box, reference, scale)
     prob = np.zeros(inside.shape, np.float32)
     prob[inside] = mask_head_probability(features, head)
     return threshold_probability(prob, crop, inside, box.shape, low, high, min_area, min_fraction, max_hole, scale)

@@ -167,9 +167,10 @@ def precise_mask(good, box, generated, settings: Settings, reference=None):
     pixels are a bicubic enlargement that lacks the original's fine detail all over the box, which
     the learned method took for change (mask benchmark, tune split, 1024 px images generated at 512:
     mean IoU 0.607 measured at 1024, 0.689 at 512; the default method 0.643 and 0.642;
-    benchmarks/results/masks.md), and the smaller images cost less. `reference`: the input's VAE
-    round trip at the pipeline's size (vae_round_trips), or None. Grey originals are compared in
-    grey (the generated colours' luma, as paste_back keeps them)."""
+    benchmarks/results/masks.md), and the smaller images cost less. There the round trip's blur and
+    noise keep their own size in pixels whatever --resolution is (extract_mask's at_generator_size).
+    `reference`: the input's VAE round trip at the pipeline's size (vae_round_trips), or None. Grey
+    originals are compared in grey (the generated colours' luma, as paste_back keeps them)."""
     if not settings.extract_mask:
         return box.copy()
     from ..masks import extract_mask, resize_mask
@@ -185,7 +186,8 @@ def precise_mask(good, box, generated, settings: Settings, reference=None):
     def pasted(x):
         return np.where(inside, x, image)
 
-    mask = extract_mask(pasted(generated), image, small_box, method=settings.mask_method, reference=None if reference is None else pasted(reference))
+    reference = None if reference is None else pasted(reference)
+    mask = extract_mask(pasted(generated), image, small_box, method=settings.mask_method, reference=reference, at_generator_size=True)
     return resize_mask(mask, box.shape) & box
 
 
