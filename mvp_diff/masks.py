@@ -14,7 +14,8 @@ Three methods:
 - "learned": the default method's terms, at several scales, fed to a tiny per-pixel classifier
   (mask_head.npz, 4 KB, trained by benchmarks/train_mask_head.py on the mask benchmark's tune
   split only, with the terms of default method version 3: heads retrained on later terms marked
-  more unchanged boxes), then hysteresis on its probability and the same clean-up. numpy only.
+  more unchanged boxes), then hysteresis on its probability and the same clean-up; boxes smaller
+  than any it was trained on go to the default method. numpy only.
 - "official": the paper's algorithm (1 - cosine similarity of RGB vectors, min-max
   normalisation, Otsu, small-region removal, dense CRF) with the published code's numeric bugs
   fixed. Blind to grey images and to brightness-only changes by design; kept for comparison.
@@ -32,7 +33,7 @@ from .errors import UsageError, UserError
 
 MASK_METHODS = ("default", "official", "learned")
 # Bumped whenever a method's masks change for the same inputs: Stage 3 never mixes two versions.
-MASK_METHOD_VERSIONS = {"default": "7", "official": "1", "learned": "4"}
+MASK_METHOD_VERSIONS = {"default": "7", "official": "1", "learned": "5"}
 
 
 def mask_method_version(method):
@@ -721,11 +722,18 @@ def mask_head_probability(features, head):
     return 1.0 / (1.0 + np.exp(-np.clip(logit[:, 0], -30, 30)))
 
 
-def _learned(anomaly, normal, box, reference=None, scale=None, low=None, high=None, min_area=12, min_fraction=0.05, max_hole=250, weights=None):
+def _learned(anomaly, normal, box, reference=None, scale=None, low=None, high=None, min_area=12, min_fraction=0.05, max_hole=250, weights=None, min_box=20):
     """Changed pixels inside the box by a per-pixel classifier (mvp_diff/mask_head.npz, trained by
     benchmarks/train_mask_head.py on generated pairs of the benchmark's tune split only) over the
     default method's terms at several scales (FEATURES). low/high: hysteresis thresholds on its
-    probability (None: those chosen with the weights); weights: another weights file."""
+    probability (None: those chosen with the weights); weights: another weights file. min_box
+    (pixels): a box whose shorter side is under it is measured by the default method instead: the
+    head never saw one (its training boxes' shorter sides were 19 px and up), and in so small a box
+    its ring and blurred-score inputs describe the defect, not its surroundings
+    (benchmarks/results/masks.md); 0 turns it off."""
+    rows, cols = _bounds(box)
+    if min(rows.stop - rows.start, cols.stop - cols.start) < min_box:
+        return _default(anomaly, normal, box, reference, scale)
     head = load_mask_head(weights or MASK_HEAD)
     low = float(head["low"]) if low is None else low
     high = float(head["high"]) if high is None else high
