@@ -398,7 +398,7 @@ def _default(
     if score is None or settings != _default_settings(scale):
         score = _unexplained_score(anomaly[crop], normal[crop], None if reference is None else reference[crop], inside, ring, settings, parts)
 
-    noise = min(_median(score[ring]) if ring.any() else 0.0, 1.5)
+    noise = min(_median(score[ring]) if ring.any() else 0.0, MAX_RING_NOISE)
     low, high = max(low, noise_factor[0] * noise), max(high, noise_factor[1] * noise)
     seeds = score - seed_edge * noise * _edge_strength(parts["normal_lightness"], scale) if seed_edge * noise > 0 else None
     mask = _hysteresis(score, low, high, seeds)
@@ -424,6 +424,11 @@ def _default(
     out = np.zeros(box.shape, dtype=bool)
     out[crop] = _tidy(mask, inside, scale, min_area, min_fraction, max_hole)
     return out
+
+
+# The most of the ring's typical change score (deltaE) the default method takes for the round trip's
+# noise: a defect that covers the ring, or the whole box, would otherwise raise its own thresholds.
+MAX_RING_NOISE = 1.5
 
 
 def _trim_tint(mask, regions, parts, scale, tint, ratio, window, band):
@@ -722,7 +727,7 @@ def mask_head_probability(features, head):
     return 1.0 / (1.0 + np.exp(-np.clip(logit[:, 0], -30, 30)))
 
 
-def _learned(anomaly, normal, box, reference=None, scale=None, low=None, high=None, min_area=12, min_fraction=0.05, max_hole=250, weights=None, min_box=20):
+def _learned(anomaly, normal, box, reference=None, scale=None, low=None, high=None, min_area=12, min_fraction=0.05, max_hole=250, weights=None, min_box=20, ring_covered=True):
     """Changed pixels inside the box by a per-pixel classifier (mvp_diff/mask_head.npz, trained by
     benchmarks/train_mask_head.py on generated pairs of the benchmark's tune split only) over the
     default method's terms at several scales (FEATURES). low/high: hysteresis thresholds on its
@@ -730,7 +735,10 @@ def _learned(anomaly, normal, box, reference=None, scale=None, low=None, high=No
     (pixels): a box whose shorter side is under it is measured by the default method instead: the
     head never saw one (its training boxes' shorter sides were 19 px and up), and in so small a box
     its ring and blurred-score inputs describe the defect, not its surroundings
-    (benchmarks/results/masks.md); 0 turns it off."""
+    (benchmarks/results/masks.md); 0 turns it off. ring_covered: a box whose ring's typical change
+    score passes the default method's noise cap (MAX_RING_NOISE) is measured by the default method
+    too: there the defect most likely covers the ring, as when the generator fills its whole box,
+    which the head never saw (it then marked nothing); False turns it off."""
     rows, cols = _bounds(box)
     if min(rows.stop - rows.start, cols.stop - cols.start) < min_box:
         return _default(anomaly, normal, box, reference, scale)
@@ -738,6 +746,8 @@ def _learned(anomaly, normal, box, reference=None, scale=None, low=None, high=No
     low = float(head["low"]) if low is None else low
     high = float(head["high"]) if high is None else high
     features, crop, inside, scale = mask_features(anomaly, normal, box, reference, scale)
+    if ring_covered and len(features) and np.expm1(features[0, FEATURES.index("ring noise")]) > MAX_RING_NOISE:
+        return _default(anomaly, normal, box, reference, scale)
     prob = np.zeros(inside.shape, np.float32)
     prob[inside] = mask_head_probability(features, head)
     return threshold_probability(prob, crop, inside, box.shape, low, high, min_area, min_fraction, max_hole, scale)
