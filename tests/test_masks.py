@@ -442,6 +442,7 @@ def test_stage3_measures_the_mask_where_the_generator_worked(colour):
     painted = paint(image, disc(size=256), "darker")
     generated, unchanged = (vae_like(x, 61, small_box.astype(np.uint8) * 255) for x in (painted, image))
     mask = precise_mask(good, box, generated, settings)
+    assert np.array_equal(mask, precise_mask(good, box, generated, settings, pipeline_input=pipeline_inputs(good, box, (256, 256))))
     assert mask.shape == box.shape and not (mask & ~box).any()
     truth = cv2.resize(disc(size=256).astype(np.uint8), (512, 512), interpolation=cv2.INTER_NEAREST) > 0
     assert iou(mask, truth) > 0.85

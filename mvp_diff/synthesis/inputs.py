@@ -13,10 +13,10 @@ from ..errors import UsageError, UserError
 from ..files import image_size, read_image, read_jsonl_numbered, read_mask
 from ..random_boxes import boxes_path
 
-# Settings that change what a sample looks like; a folder never mixes two of them.
 # Where Stage 3 measures its masks (precise_mask); part of the mask version: masks measured at the
 # original size before it are not mixed with these.
 MASK_MEASURED_AT = "at the pipeline size"
+# Settings that change what a sample looks like; a folder never mixes two of them.
 SETTING_KEYS = ("checkpoint", "lora", "lora_sha256", "lora_scale", "num_inference_steps", "guidance_scale", "strength", "resolution", "seeds", "extract_mask", "mask_method", "mask_version")
 
 

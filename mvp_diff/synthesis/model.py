@@ -157,7 +157,7 @@ def vae_round_trips(pipe, images):
     return [(np.clip(o, 0.0, 1.0) * 255.0).round().astype(np.uint8) for o in out]
 
 
-def precise_mask(good, box, generated, settings: Settings, reference=None):
+def precise_mask(good, box, generated, settings: Settings, reference=None, pipeline_input=None):
     """The defect's mask at the original image's size (the box with --extract_mask off).
 
     Measured where the generator worked: between its output `generated` and the very input it was
@@ -169,13 +169,14 @@ def precise_mask(good, box, generated, settings: Settings, reference=None):
     mean IoU 0.607 measured at 1024, 0.689 at 512; the default method 0.643 and 0.642;
     benchmarks/results/masks.md), and the smaller images cost less. There the round trip's blur and
     noise keep their own size in pixels whatever --resolution is (extract_mask's at_generator_size).
-    `reference`: the input's VAE round trip at the pipeline's size (vae_round_trips), or None. Grey
-    originals are compared in grey (the generated colours' luma, as paste_back keeps them)."""
+    `reference`: the input's VAE round trip at the pipeline's size (vae_round_trips), or None.
+    `pipeline_input`: the (image, box mask) pipeline_inputs gave the generator (None: made again).
+    Grey originals are compared in grey (the generated colours' luma, as paste_back keeps them)."""
     if not settings.extract_mask:
         return box.copy()
     from ..masks import extract_mask, resize_mask
 
-    image, small_box = pipeline_inputs(good, box, (generated.shape[1], generated.shape[0]))
+    image, small_box = pipeline_input or pipeline_inputs(good, box, (generated.shape[1], generated.shape[0]))
     small_box = np.asarray(small_box) > 0
     if good.ndim == 2:
         image, generated = np.asarray(image.convert("L")), np.asarray(Image.fromarray(generated).convert("L"))

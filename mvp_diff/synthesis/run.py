@@ -50,11 +50,12 @@ def batches(samples, batch_size, resolution):
     return sorted(out, key=lambda b: b[1][0].index)
 
 
-def finish_sample(store: SampleStore, sample: PlannedSample, good, box, generated, settings: Settings, classname, reference=None):
+def finish_sample(store: SampleStore, sample: PlannedSample, good, box, generated, settings: Settings, classname, reference=None, pipeline_input=None):
     """Everything after the pipeline call: paste-back, precise mask, the sample's files and entry.
-    `reference`: the pipeline input's VAE round trip (see vae_round_trips), or None."""
+    `reference`: the pipeline input's VAE round trip (see vae_round_trips), or None;
+    `pipeline_input`: the (image, box mask) pipeline_inputs gave the generator, or None."""
     image = paste_back(generated, good, box)
-    mask = precise_mask(good, box, generated, settings, reference)
+    mask = precise_mask(good, box, generated, settings, reference, pipeline_input)
     return store.write_sample(sample, image, mask, box, settings, classname)
 
 
@@ -130,8 +131,8 @@ def run_batch(pipe, size, samples, settings: Settings, writer: SampleWriter):
     generated = generate(pipe, [s.prompt for s in samples], [i for i, _ in inputs], [m for _, m in inputs], [s.seed for s in samples], size, settings)
     # The VAE round trips run here, on the pipeline's device; the writer threads only do CPU work.
     references = vae_round_trips(pipe, [i for i, _ in inputs]) if settings.extract_mask else [None] * len(samples)
-    for sample, good, box, gen, ref in zip(samples, goods, boxes, generated, references):
-        writer.submit(sample, good, box, gen, ref)
+    for sample, good, box, gen, ref, inp in zip(samples, goods, boxes, generated, references, inputs):
+        writer.submit(sample, good, box, gen, ref, inp)
 
 
 def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=None, device=None, dtype="auto", overwrite=False,
@@ -174,8 +175,8 @@ def synthesize(classname, dataset, mask_dir, output, settings: Settings, num=Non
         bar = progress_bar(total=len(mine), desc=f"inpainting {classname}", disable=not state.is_main_process)
         written = time.monotonic()
 
-        def finish(sample, good, box, generated, reference):
-            finish_sample(store, sample, good, box, generated, settings, classname, reference)
+        def finish(sample, good, box, generated, reference, pipeline_input):
+            finish_sample(store, sample, good, box, generated, settings, classname, reference, pipeline_input)
 
         with SampleWriter(finish, write_workers, max_pending=settings.batch_size) as writer:
             for size, batch in batches(mine, settings.batch_size, settings.resolution):
