@@ -247,8 +247,9 @@ def _ring(inside, width):
     return inside & (core == 0)
 
 
-def _ring_bias(diff, inside, ring, max_bias):
-    """Smooth offset of the signed Lab difference inside the box (the drift of a VAE round trip).
+def _remove_drift(a, n, inside, ring, max_bias):
+    """`a` less the smooth offset of the signed Lab difference `a` - `n` inside the box (the drift
+    of a VAE round trip); a new array.
 
     Fitted as a plane per channel, by trimmed least squares on the ring just inside the box border
     (a generated defect fills the box's interior; the ring is mostly unchanged), from the ring
@@ -256,30 +257,36 @@ def _ring_bias(diff, inside, ring, max_bias):
     covers part of the ring too cannot be explained away. One box: extract_mask measures each box
     on its own.
     """
-    chans = diff[..., None] if diff.ndim == 2 else diff
-    bias = np.zeros_like(chans)
     ys, xs = np.nonzero(ring)
-    values = np.ascontiguousarray(chans[ys, xs].T, dtype=np.float64)  # channels x ring pixels
+    values = (a[ys, xs] - n[ys, xs]).reshape(len(ys), -1).T.astype(np.float64)  # channels x ring pixels
     # Ring pixels changed by more than a drift can are the defect: leave them out, and fit nothing
     # in a channel where they are most of the ring.
     keep = np.abs(values) <= 1.5 * max_bias
     fitted = np.flatnonzero(keep.sum(axis=1) >= max(8, 0.25 * len(ys)))
-    if len(fitted):
-        values, keep = values[fitted], keep[fitted]
-        cy, cx = ys.mean(), xs.mean()
-        design = np.stack([np.ones(len(ys)), (ys - cy) / 100.0, (xs - cx) / 100.0])
-        for _ in range(3):  # refit without the ring pixels the defect touches
-            coef = _plane_fits(design, values, keep)
-            resid = np.abs(values - coef @ design)
-            keep &= resid <= np.array([[max(2.0 * _median(r[k]), 1e-3)] for r, k in zip(resid, keep)])
-        # Only over the box's bounding rectangle: the crop's margin needs no bias.
-        rows, cols = _bounds(inside)
-        gy = ((np.arange(rows.start, rows.stop) - cy) / 100.0)[:, None]
-        gx = ((np.arange(cols.start, cols.stop) - cx) / 100.0)[None, :]
-        region, target = inside[rows, cols], bias[rows, cols]
-        for (c0, c1, c2), c in zip(coef, fitted):
-            target[..., c][region] = np.clip(c0 + gy * c1 + gx * c2, -max_bias, max_bias)[region]
-    return bias[..., 0] if diff.ndim == 2 else bias
+    a = a.copy()
+    if not len(fitted):
+        return a
+    values, keep = values[fitted], keep[fitted]
+    cy, cx = ys.mean(), xs.mean()
+    design = np.stack([np.ones(len(ys)), (ys - cy) / 100.0, (xs - cx) / 100.0])
+    for _ in range(3):  # refit without the ring pixels the defect touches
+        coef = _plane_fits(design, values, keep)
+        resid = np.abs(values - coef @ design)
+        keep &= resid <= np.array([[max(2.0 * _median(r[k]), 1e-3)] for r, k in zip(resid, keep)])
+    # Only over the box's bounding rectangle: the crop's margin has no drift removed.
+    rows, cols = _bounds(inside)
+    gy = ((np.arange(rows.start, rows.stop) - cy) / 100.0)[:, None]
+    gx = ((np.arange(cols.start, cols.stop) - cx) / 100.0)[None, :]
+    region = inside[rows, cols]
+    rectangle = region.all()  # a box drawn as a rectangle: no pixel to pick out
+    channels = a[rows, cols][..., None] if a.ndim == 2 else a[rows, cols]
+    for (c0, c1, c2), c in zip(coef, fitted):
+        drift = np.clip(c0 + gy * c1 + gx * c2, -max_bias, max_bias).astype(np.float32)
+        if rectangle:
+            channels[..., c] -= drift
+        else:
+            channels[..., c][region] -= drift[region]
+    return a
 
 
 def _median(values):
@@ -560,7 +567,7 @@ def _change_score(a, n, inside, ring, scale, smooth, blur_tolerance, contrast, s
     # generated image: the smallest difference to the defect-free image blurred over the levels, so
     # a defocused copy scores low. Only that direction: blurring the generated image too (as an
     # earlier version did) spreads a 1-2 px line to a third of its contrast and hides it.
-    a = a - _ring_bias(a - n, inside, ring, max_bias)
+    a = _remove_drift(a, n, inside, ring, max_bias)
     pairs = [(a, n)]
     if a.ndim == 3 and chroma_smooth > smooth:
         # Fine colour detail lost (JPEG, VAE) differs at the fine scale only; a changed colour at

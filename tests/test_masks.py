@@ -175,6 +175,26 @@ def test_each_box_is_measured_on_its_own(method):
     assert len(each_box(big > 0)) == 1
 
 
+@pytest.mark.parametrize("shape", ["rectangle", "two overlapping rectangles"])
+def test_faint_defect_under_a_smooth_drift(shape):
+    """A round trip's smooth colour drift (an offset tilting from 3 to 23 levels across the box) is
+    fitted on the box's ring and removed, for a drawn rectangle and for a box of another shape
+    alike: a faint defect (14 levels darker) under it is found, and the unchanged box under the
+    same drift gives an empty mask. Without the removal (max_bias 0) the drift raises the noise
+    allowance and the faint defect is missed: the case needs it."""
+    normal = texture(40)
+    truth = disc(cx=130, cy=122, r=20)
+    box = BOX if shape == "rectangle" else BOX | box_of(60, 140, 130, 200)
+    xx = np.mgrid[0:SIZE, 0:SIZE][1].astype(np.float32)
+    tilt = 20 * (xx - 60) / 110  # levels; the colour channels drift by different amounts
+    drift = np.stack([tilt, 0.6 * tilt, 0.3 * tilt], axis=2)
+    fainter = normal - 14 * cv2.GaussianBlur(truth.astype(np.float32), (0, 0), 0.8)[..., None]
+    anomaly, unchanged = (vae_like(np.clip(img + drift, 0, 255).astype(np.uint8), 41, box) for img in (fainter, normal))
+    assert iou(extract_mask(anomaly, normal, box), truth) > 0.9
+    assert not extract_mask(unchanged, normal, box).any()
+    assert not extract_mask(anomaly, normal, box, max_bias=0.0).any()
+
+
 @pytest.mark.parametrize("look", ["darker", "tinted", "blurred"])
 def test_defect_filling_the_whole_box_is_found(look):
     """The ring just inside the box is changed too: the drift and noise estimates must not hide it.
