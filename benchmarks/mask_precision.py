@@ -53,6 +53,7 @@ import argparse
 import io
 import os
 import platform
+import sys
 import time
 
 import cv2
@@ -562,6 +563,22 @@ def time_round_trip(checkpoint, size, steps=20, repeats=3):
     return ms["round trip"], ms["generation"]
 
 
+def draw_pairs(rng, split, photos, args):
+    """args.num pairs of the split from `rng`; with --looks / --shapes only those of the given looks
+    and shapes, the others drawn and skipped (without them: the very pairs the benchmark always drew)."""
+    pairs, drawn = [], 0
+    with tqdm(total=args.num, desc=f"{split} pairs", leave=False) as progress:
+        while len(pairs) < args.num:
+            if drawn >= 100 * args.num:
+                sys.exit(f"--looks / --shapes: only {len(pairs)} of {drawn} {split} pairs drawn matched; widen the choice (tinted needs colour images)")
+            pair = make_pair(rng, split, photos, args.size, args.strength, args.degradation, args.resolution)
+            drawn += 1
+            if (args.looks is None or pair["info"]["look"] in args.looks) and (args.shapes is None or pair["info"]["shape"] in args.shapes):
+                pairs.append(pair)
+                progress.update()
+    return pairs
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num", type=int, default=150, help="pairs per split (default: 150)")
@@ -588,6 +605,8 @@ def main():
     )
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--looks", nargs="+", default=None, choices=LOOKS, help="keep only pairs of these looks, drawn from the same stream, the others skipped: to study one kind of defect (default: all)")
+    parser.add_argument("--shapes", nargs="+", default=None, choices=SHAPES, help="keep only pairs of these defect shapes, as --looks (default: all)")
     parser.add_argument("--official_num", type=int, default=20, help="run the official method (slow: its dense CRF) on the first N pairs of each split (default: 20)")
     parser.add_argument(
         "--round_trip_checkpoint",
@@ -604,6 +623,9 @@ def main():
     cv2.setNumThreads(1)  # one core: the time per image is a single-thread figure
 
     photos = {n: photograph(n) for spec in SPLITS.values() for n in spec["colour"] + spec["grey"]}
+    only = " ".join(f"{name} {' '.join(kept)};" for name, kept in (("only looks", args.looks), ("only shapes", args.shapes)) if kept)
+    if only:
+        print(f"{only[:-1]} (the split's other draws skipped)")
     generated = f", generated at {args.resolution} px and resized back, masks measured at the {args.measure_at}'s size" if args.resolution and args.resolution != args.size else ""
     print(f"{args.num} pairs per split at {args.size} px{generated}, {args.degradation} degradation at strength {args.strength}, one thread")
     results = {}
@@ -612,7 +634,7 @@ def main():
         seed = spec["seed"] + args.seed
         print(f"\n== {split}: seed {seed}; colour {', '.join(spec['colour'])}; grey {', '.join(spec['grey'])}; generated {spec['texture']} textures")
         rng = np.random.default_rng(seed)
-        pairs = [make_pair(rng, split, photos, args.size, args.strength, args.degradation, args.resolution) for _ in tqdm(range(args.num), desc=f"{split} pairs", leave=False)]
+        pairs = draw_pairs(rng, split, photos, args)
         official_num = min(args.official_num, args.num)
         scores, alarms, times = score_split(pairs, args.methods, official_num, args.measure_at)
         results[split] = (report(split, pairs, args.methods, scores, alarms, times, official_num), alarms, times)

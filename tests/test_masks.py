@@ -289,6 +289,26 @@ def test_benchmark_script_runs():
     assert "the reference operation" in proc.stdout
 
 
+def test_benchmark_draws_only_the_looks_and_shapes_asked_for(monkeypatch):
+    """--looks / --shapes keep the split's draws of those kinds, in order; without them the
+    benchmark draws exactly the pairs it always drew; a choice that never matches stops with a
+    message, not an endless loop."""
+    from argparse import Namespace
+
+    import benchmarks.mask_precision as bench
+
+    photos = {n: bench.photograph(n) for n in bench.SPLITS["tune"]["colour"] + bench.SPLITS["tune"]["grey"]}
+    args = Namespace(num=3, size=96, strength=1.0, degradation="blur", resolution=None, looks=None, shapes=None)
+    every = bench.draw_pairs(np.random.default_rng(1), "tune", photos, args)
+    rng = np.random.default_rng(1)
+    assert all(np.array_equal(p["anomaly"], bench.make_pair(rng, "tune", photos, 96)["anomaly"]) for p in every)
+    faint_lines = bench.draw_pairs(np.random.default_rng(1), "tune", photos, Namespace(**{**vars(args), "looks": ["faint", "darker"], "shapes": ["thin"]}))
+    assert len(faint_lines) == 3 and all(p["info"]["look"] in ("faint", "darker") and p["info"]["shape"] == "thin" for p in faint_lines)
+    monkeypatch.setattr(bench, "make_pair", lambda *a, **k: {"info": {"look": "darker", "shape": "blob"}})
+    with pytest.raises(SystemExit, match="only 0 of 300 tune pairs drawn matched"):
+        bench.draw_pairs(np.random.default_rng(1), "tune", photos, Namespace(**{**vars(args), "looks": ["faint"]}))
+
+
 def jpeg(img, quality):
     """The image through JPEG at `quality` (grey stays grey)."""
     _, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
