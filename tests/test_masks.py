@@ -177,7 +177,7 @@ def test_each_box_is_measured_on_its_own(method):
 
 @pytest.mark.parametrize("shape", ["rectangle", "two overlapping rectangles"])
 def test_faint_defect_under_a_smooth_drift(shape):
-    """A round trip's smooth colour drift (an offset tilting from 3 to 23 levels across the box) is
+    """A round trip's smooth colour drift (an offset tilting by up to 20 levels across the box) is
     fitted on the box's ring and removed, for a drawn rectangle and for a box of another shape
     alike: a faint defect (14 levels darker) under it is found, and the unchanged box under the
     same drift gives an empty mask. Without the removal (max_bias 0) the drift raises the noise
