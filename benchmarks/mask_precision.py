@@ -623,9 +623,9 @@ def main():
     cv2.setNumThreads(1)  # one core: the time per image is a single-thread figure
 
     photos = {n: photograph(n) for spec in SPLITS.values() for n in spec["colour"] + spec["grey"]}
-    only = " ".join(f"{name} {' '.join(kept)};" for name, kept in (("only looks", args.looks), ("only shapes", args.shapes)) if kept)
+    only = "; ".join(f"{name} {' '.join(kept)}" for name, kept in (("only looks", args.looks), ("only shapes", args.shapes)) if kept)
     if only:
-        print(f"{only[:-1]} (the split's other draws skipped)")
+        print(f"{only} (the split's other draws skipped)")
     generated = f", generated at {args.resolution} px and resized back, masks measured at the {args.measure_at}'s size" if args.resolution and args.resolution != args.size else ""
     print(f"{args.num} pairs per split at {args.size} px{generated}, {args.degradation} degradation at strength {args.strength}, one thread")
     results = {}
